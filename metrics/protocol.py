@@ -1,0 +1,42 @@
+"""Constants of the SalBench scoring protocol (protocol v1).
+
+Every default used by the metric functions lives here, once. The meaning of each value is
+given in ``PROTOCOL.md`` (sections "2. Attributions" and "3. Metrics"); code cites those
+sections instead of restating them.
+"""
+
+from __future__ import annotations
+
+PROTOCOL_VERSION = "v1"
+
+# PROTOCOL §2: Integrated Gradients
+IG_STEPS = 50
+IG_METHOD = "gausslegendre"
+
+# PROTOCOL §3: Gini
+GINI_EPS = 1e-7
+
+# PROTOCOL §3: SSIM under noise
+SSIM_SIGMAS: tuple[float, ...] = (0.01, 0.03, 0.05, 0.07, 0.09, 0.10, 0.15, 0.20)
+SSIM_DATA_RANGE = 2.0
+SSIM_WIN_SIZE = 5
+SSIM_K1 = 0.01
+SSIM_K2 = 0.03
+
+# PROTOCOL §3: ROS (paper variant)
+ROS_SAMPLES = 5
+ROS_NOISE_LOW = 0.02
+ROS_NOISE_HIGH = 0.2
+ROS_EPS = 1e-6
+
+# PROTOCOL §3: ROAD
+ROAD_PERCENTAGES: tuple[int, ...] = tuple(range(1, 100, 5))  # 1, 6, ..., 96 (L = 20)
+ROAD_NOISE = 0.01
+# 8-neighbour weights of the noisy linear imputation: (dy, dx) -> weight
+ROAD_NEIGHBOUR_WEIGHTS: tuple[tuple[int, int, float], ...] = (
+    (-1, -1, 1 / 12), (-1, 0, 1 / 6), (-1, 1, 1 / 12),
+    (0, -1, 1 / 6), (0, 1, 1 / 6),
+    (1, -1, 1 / 12), (1, 0, 1 / 6), (1, 1, 1 / 12),
+)
+
+__all__ = [name for name in dir() if name.isupper()]

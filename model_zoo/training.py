@@ -1,0 +1,237 @@
+"""The zoo's trainer: natural (N), PGD adversarial (A) and A + SmoothBlock (G, M1, M2) training
+(PROTOCOL §5), seeded, resumable after a crash, writing a safetensors checkpoint + card.
+
+Every epoch draws its data order, augmentation and PGD random starts from generators seeded
+by ``(recipe.seed, epoch)``, so a run resumed from its last epoch checkpoint continues exactly
+as an uninterrupted run would (on CPU, bit for bit).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from model_zoo import zoo
+from model_zoo.architectures import build
+from model_zoo.attacks import natural_accuracy, pgd_linf, robust_accuracy
+from model_zoo.data import NUM_CLASSES, Split, load_split
+from model_zoo.recipes import Recipe
+
+CKPT_NAME = "last.pt"
+ROBUST_EVAL_IMAGES = 1000  # PROTOCOL §3: robust accuracy on the first 1000 test images
+
+
+def model_id_for(recipe: Recipe) -> str:
+    return f"{recipe.dataset}-{recipe.arch}-{recipe.variant}-{recipe.preset}"
+
+
+class Lookahead(torch.optim.Optimizer):
+    """Lookahead (Zhang et al. 2019) around an inner optimiser; with RAdam this is "Ranger"."""
+
+    def __init__(self, inner: torch.optim.Optimizer, k: int = 6, alpha: float = 0.5) -> None:
+        self.inner, self.k, self.alpha = inner, k, alpha
+        self.param_groups = inner.param_groups
+        self.defaults = inner.defaults
+        self.state = inner.state
+        self._steps = 0
+        self._slow = [[p.detach().clone() for p in g["params"]] for g in self.param_groups]
+
+    def step(self, closure=None):
+        loss = self.inner.step(closure)
+        self._steps += 1
+        if self._steps % self.k == 0:
+            with torch.no_grad():
+                for g, slow in zip(self.param_groups, self._slow):
+                    for p, s in zip(g["params"], slow):
+                        s.add_(p - s, alpha=self.alpha)
+                        p.copy_(s)
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True):
+        self.inner.zero_grad(set_to_none)
+
+    def state_dict(self):
+        return {"inner": self.inner.state_dict(), "steps": self._steps, "slow": self._slow}
+
+    def load_state_dict(self, sd):
+        self.inner.load_state_dict(sd["inner"])
+        self._steps = sd["steps"]
+        with torch.no_grad():
+            for mine, theirs in zip(self._slow, sd["slow"]):
+                for s, t in zip(mine, theirs):
+                    s.copy_(t)
+
+
+def make_optimizer(recipe: Recipe, params) -> torch.optim.Optimizer:
+    if recipe.optimizer == "adam":
+        return torch.optim.Adam(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
+    if recipe.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum, nesterov=recipe.nesterov,
+                               weight_decay=recipe.weight_decay)
+    if recipe.optimizer == "ranger":
+        return Lookahead(torch.optim.RAdam(list(params), lr=recipe.lr, weight_decay=recipe.weight_decay))
+    raise ValueError(f"unknown optimizer {recipe.optimizer!r}; expected adam, sgd or ranger")
+
+
+def _augment(x: Tensor, kind: str, gen: torch.Generator) -> Tensor:
+    if kind == "none":
+        return x
+    if kind != "crop_flip":
+        raise ValueError(f"unknown augmentation {kind!r}")
+    b, _, h, w = x.shape
+    padded = F.pad(x, (4, 4, 4, 4))
+    dy = torch.randint(0, 9, (b,), generator=gen)
+    dx = torch.randint(0, 9, (b,), generator=gen)
+    flip = torch.rand(b, generator=gen) < 0.5
+    rows = (dy[:, None] + torch.arange(h)[None]).to(x.device)
+    cols = (dx[:, None] + torch.arange(w)[None]).to(x.device)
+    out = padded[torch.arange(b, device=x.device)[:, None, None, None], torch.arange(x.shape[1], device=x.device)[None, :, None, None],
+                 rows[:, None, :, None], cols[:, None, None, :]]
+    return torch.where(flip.to(x.device)[:, None, None, None], out.flip(-1), out)
+
+
+def _epoch_gen(seed: int, epoch: int, stream: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + epoch * 101 + stream)
+
+
+def train(
+    recipe: Recipe,
+    *,
+    work_dir: str | Path = "runs",
+    out_dir: str | Path | None = None,
+    resume: bool = True,
+    device: str = "cpu",
+    progress: bool = True,
+    train_split: Split | None = None,
+    test_split: Split | None = None,
+    stop_after_epoch: int | None = None,
+) -> dict | None:
+    """Train ``recipe``; checkpoint every epoch to ``work_dir/<id>/last.pt``; at the end write
+    ``<out_dir>/checkpoints/<id>-<sha8>.safetensors`` and ``<out_dir>/cards/<id>.json`` atomically.
+
+    Args:
+        recipe: what to train (see ``model_zoo.recipes.get_recipe``).
+        work_dir: where epoch checkpoints live (resumed from when ``resume``).
+        out_dir: the zoo folder receiving weights + card (default: the package's zoo).
+        stop_after_epoch: stop (without publishing) after this epoch; for tests of resume.
+
+    Returns:
+        The card written, or None when stopped early.
+    """
+    mid = model_id_for(recipe)
+    run_dir = Path(work_dir) / mid
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path = run_dir / CKPT_NAME
+    train_split = train_split or load_split(recipe.dataset, "train")
+    test_split = test_split or load_split(recipe.dataset, "test")
+    x_all, y_all = train_split.images, train_split.labels
+    if recipe.train_subset:
+        x_all, y_all = x_all[: recipe.train_subset], y_all[: recipe.train_subset]
+    n = len(y_all)
+
+    torch.manual_seed(recipe.seed)
+    model = build(recipe.arch, num_classes=NUM_CLASSES[recipe.dataset], dataset=recipe.dataset,
+                  smoothing=recipe.smoothing).to(device)
+    opt = make_optimizer(recipe, model.parameters())
+    base_opt = opt.inner if isinstance(opt, Lookahead) else opt
+    sched = torch.optim.lr_scheduler.MultiStepLR(base_opt, milestones=list(recipe.lr_milestones), gamma=recipe.lr_gamma)
+    start_epoch, history = 0, []
+    if resume and ckpt_path.is_file():
+        state = torch.load(ckpt_path, map_location=device, weights_only=True)
+        if state["recipe"] != recipe.to_dict():
+            raise ValueError(f"{ckpt_path} was written by a different recipe; delete it or use --no-resume")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        start_epoch, history = state["epoch"], state["history"]
+        if progress:
+            print(f"[{mid}] resumed after epoch {start_epoch}")
+
+    for epoch in range(start_epoch, recipe.epochs):
+        model.train()
+        order = torch.randperm(n, generator=_epoch_gen(recipe.seed, epoch, 0))
+        aug_gen = _epoch_gen(recipe.seed, epoch, 1)
+        atk_gen = torch.Generator(device=device).manual_seed(_epoch_gen(recipe.seed, epoch, 2).initial_seed())
+        tot_loss = tot_correct = seen = 0
+        t0 = time.time()
+        bar = tqdm(range(0, n, recipe.batch_size), desc=f"{mid} ep {epoch + 1}/{recipe.epochs}",
+                   disable=not progress, leave=False, mininterval=2.0)
+        for i in bar:
+            idx = order[i : i + recipe.batch_size]
+            x = _augment(x_all[idx].to(device).float().div_(255), recipe.augment, aug_gen)
+            y = y_all[idx].to(device)
+            if recipe.adversarial:
+                model.eval()
+                x = pgd_linf(model, x, y, eps=recipe.attack_eps, alpha=recipe.attack_alpha,
+                             steps=recipe.attack_steps, generator=atk_gen)
+                model.train()
+            logits = model(x)
+            loss = F.cross_entropy(logits, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            tot_loss += float(loss.detach()) * len(y)
+            tot_correct += int((logits.argmax(1) == y).sum())
+            seen += len(y)
+            bar.set_postfix(loss=f"{tot_loss / seen:.4f}", acc=f"{tot_correct / seen:.3f}", refresh=False)
+        test_acc = natural_accuracy(model, test_split.images, test_split.labels)
+        history.append({"epoch": epoch + 1, "train_loss": tot_loss / seen, "train_acc": tot_correct / seen,
+                        "test_acc": test_acc, "seconds": round(time.time() - t0, 1)})
+        if progress:
+            h = history[-1]
+            print(f"[{mid}] epoch {h['epoch']}/{recipe.epochs} loss {h['train_loss']:.4f} "
+                  f"train acc {h['train_acc']:.4f} test acc {h['test_acc']:.4f} ({h['seconds']} s)", flush=True)
+        state = {"epoch": epoch + 1, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                 "scheduler": sched.state_dict(), "history": history, "recipe": recipe.to_dict(),
+                 "torch_rng": torch.get_rng_state()}
+        tmp = ckpt_path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        tmp.replace(ckpt_path)
+        if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch and epoch + 1 < recipe.epochs:
+            return None
+
+    return publish(model, recipe, history, out_dir=out_dir, test_split=test_split, progress=progress)
+
+
+def publish(model: nn.Module, recipe: Recipe, history: list, *, out_dir=None, test_split: Split,
+            progress: bool = True) -> dict:
+    """Measure natural (full test split) and robust (first 1000 test images) accuracy and write
+    the weights + card atomically (PROTOCOL §3 "Accuracy")."""
+    mid = model_id_for(recipe)
+    out = Path(out_dir) if out_dir is not None else zoo.ZOO_DIR
+    model.eval()
+    nat = natural_accuracy(model, test_split.images, test_split.labels)
+    m = min(ROBUST_EVAL_IMAGES, len(test_split))
+    rob = robust_accuracy(model, test_split.images[:m], test_split.labels[:m], eps=recipe.eval_eps,
+                          alpha=recipe.eval_alpha, steps=recipe.eval_steps, progress=progress)
+    payload = zoo.state_dict_bytes(model, metadata={"id": mid, "arch": recipe.arch})
+    import hashlib
+
+    digest = hashlib.sha256(payload).hexdigest()
+    fname = f"{mid}-{digest[:8]}.safetensors"
+    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+    for old in (out / "checkpoints").glob(f"{mid}-*.safetensors"):
+        if old.name != fname:
+            old.unlink()
+    zoo.atomic_write_bytes(out / "checkpoints" / fname, payload)
+    card = zoo.make_card(
+        model_id=mid, model=model, weights_file=fname, sha256=digest, dataset=recipe.dataset, arch=recipe.arch,
+        variant=recipe.variant, preset=recipe.preset, recipe=recipe.to_dict(), smoothing=recipe.smoothing,
+        natural_accuracy=nat, robust_accuracy=rob, num_classes=NUM_CLASSES[recipe.dataset],
+        robust_protocol={"attack": "pgd_linf", "eps": recipe.eval_eps, "alpha": recipe.eval_alpha,
+                         "steps": recipe.eval_steps, "random_start": True, "images": f"first {m} test images",
+                         "seed": 0},
+        extra={"history": history},
+    )
+    zoo.atomic_write_json(out / "cards" / f"{mid}.json", card)
+    if progress:
+        print(f"[{mid}] natural acc {nat:.4f}, robust acc {rob:.4f} -> {out / 'cards' / (mid + '.json')}")
+    return card

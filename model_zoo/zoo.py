@@ -1,0 +1,232 @@
+"""Checkpoints and their cards (torchvision-style weights-as-data).
+
+Each zoo entry is ``checkpoints/<id>-<sha8>.safetensors`` plus ``cards/<id>.json``. The card
+holds everything needed to rebuild and verify the model (arch, smoothing, recipe, sha256,
+accuracies). Loading never unpickles code: weights are safetensors, and an outside ``.pt``
+state dict is read with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from model_zoo.architectures import build
+
+ZOO_DIR = Path(__file__).resolve().parent
+CARDS_DIR = ZOO_DIR / "cards"
+CHECKPOINTS_DIR = ZOO_DIR / "checkpoints"
+CARD_SCHEMA_VERSION = 1
+CARD_FIELDS = (
+    "id", "dataset", "arch", "variant", "preset", "recipe", "smoothing", "num_classes", "weights",
+    "sha256", "natural_accuracy", "robust_accuracy", "robust_protocol", "num_params", "torch_version",
+    "trainer_commit", "created", "source", "card_schema",
+)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is unreadable, corrupt, unsafe or does not fit the architecture."""
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file in the same folder and ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: str | os.PathLike, obj) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ZOO_DIR, capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or "unknown"
+    except Exception:
+        return "unknown"
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def state_dict_bytes(model: nn.Module, metadata: dict[str, str] | None = None) -> bytes:
+    from safetensors.torch import save
+
+    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    return save(sd, metadata=metadata)
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read weights without executing code: ``.safetensors``, or a ``.pt``/``.pth`` state dict
+    through ``torch.load(weights_only=True)``.
+
+    Raises:
+        CheckpointError: missing, truncated/corrupt, pickled code, or not a flat tensor dict.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            sd = load_file(str(path))
+        except Exception as e:
+            raise CheckpointError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e})") from None
+    elif path.suffix in (".pt", ".pth", ".bin"):
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CheckpointError(
+                f"{path} could not be loaded as a plain state dict with weights_only=True ({first}); "
+                "it may be truncated, corrupt or contain pickled code. Save it with "
+                "`safetensors.torch.save_file(model.state_dict(), 'model.safetensors')`."
+            ) from None
+        if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+            sd = sd["state_dict"]
+    else:
+        raise CheckpointError(f"{path}: unsupported checkpoint format {path.suffix!r}; use .safetensors or a .pt state dict")
+    if not isinstance(sd, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in sd.items()):
+        raise CheckpointError(f"{path} does not hold a flat {{name: tensor}} state dict")
+    return sd
+
+
+def load_checkpoint(
+    path: str | os.PathLike,
+    arch: str,
+    *,
+    num_classes: int = 10,
+    dataset: str | None = None,
+    smoothing: dict | None = None,
+) -> nn.Module:
+    """Build ``arch`` and load weights from an outside file, strictly (no silent missing keys).
+
+    Raises:
+        CheckpointError: unreadable file, or keys/shapes that do not fit the architecture.
+    """
+    sd = read_state_dict(path)
+    model = build(arch, num_classes=num_classes, dataset=dataset, smoothing=smoothing)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    if missing or unexpected:
+        hint = ""
+        if smoothing is None and any(k.startswith("smooth.") for k in unexpected):
+            hint = " (the file has a SmoothBlock: pass the smoothing filter/placement)"
+        raise CheckpointError(
+            f"{Path(path).name} does not fit architecture {arch!r}{hint}: "
+            f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
+        )
+    bad = [f"{k} {tuple(sd[k].shape)} != {tuple(v.shape)}" for k, v in expected.items() if sd[k].shape != v.shape]
+    if bad:
+        raise CheckpointError(f"{Path(path).name} does not fit architecture {arch!r}: shape mismatch {bad[:3]}")
+    model.load_state_dict({k: sd[k].to(v.dtype) for k, v in expected.items()}, strict=True)
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------- cards
+def card_path(model_id: str) -> Path:
+    return CARDS_DIR / f"{model_id}.json"
+
+
+def list_cards(dataset: str | None = None, cards_dir: Path | None = None) -> list[dict]:
+    cards = []
+    for p in sorted((cards_dir or CARDS_DIR).glob("*.json")):
+        card = json.loads(p.read_text())
+        if dataset is None or card.get("dataset") == dataset:
+            cards.append(card)
+    return cards
+
+
+def get_card(model_id: str, cards_dir: Path | None = None) -> dict:
+    p = (cards_dir or CARDS_DIR) / f"{model_id}.json"
+    if not p.is_file():
+        known = ", ".join(c["id"] for c in list_cards(cards_dir=cards_dir)) or "none"
+        raise KeyError(f"no zoo card {model_id!r} (known: {known})")
+    return json.loads(p.read_text())
+
+
+def weights_path(card: dict, cards_dir: Path | None = None) -> Path:
+    base = (cards_dir or CARDS_DIR).parent / "checkpoints"
+    return base / card["weights"]
+
+
+def load(model_id: str, *, cards_dir: Path | None = None, device: str | torch.device = "cpu") -> nn.Module:
+    """Load a zoo model by id: verify the weights' sha256 against the card, rebuild from the card.
+
+    Raises:
+        KeyError: unknown id.
+        CheckpointError: the weights file is missing or its sha256 differs from the card.
+    """
+    card = get_card(model_id, cards_dir)
+    wp = weights_path(card, cards_dir)
+    if not wp.is_file():
+        raise CheckpointError(f"weights of {model_id!r} missing: {wp}")
+    digest = sha256_file(wp)
+    if digest != card["sha256"]:
+        raise CheckpointError(f"{wp.name}: sha256 {digest[:16]}... differs from the card's {card['sha256'][:16]}...")
+    model = load_checkpoint(wp, card["arch"], num_classes=card["num_classes"], dataset=card["dataset"],
+                            smoothing=card["smoothing"])
+    return model.to(device).eval()
+
+
+def make_card(
+    *,
+    model_id: str,
+    model: nn.Module,
+    weights_file: str,
+    sha256: str,
+    dataset: str,
+    arch: str,
+    variant: str,
+    preset: str,
+    recipe: dict | None,
+    smoothing: dict | None,
+    natural_accuracy: float,
+    robust_accuracy: float,
+    robust_protocol: dict,
+    num_classes: int = 10,
+    source: str = "zoo",
+    extra: dict | None = None,
+) -> dict:
+    card = {
+        "id": model_id, "dataset": dataset, "arch": arch, "variant": variant, "preset": preset,
+        "recipe": recipe, "smoothing": smoothing, "num_classes": num_classes, "weights": weights_file, "sha256": sha256,
+        "natural_accuracy": round(float(natural_accuracy), 6), "robust_accuracy": round(float(robust_accuracy), 6),
+        "robust_protocol": robust_protocol, "num_params": count_params(model), "torch_version": torch.__version__,
+        "trainer_commit": git_commit(), "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "source": source, "card_schema": CARD_SCHEMA_VERSION,
+    }
+    if extra:
+        card.update(extra)
+    return card
+
