@@ -10,6 +10,7 @@ import argparse
 import sys
 
 EXIT_OK, EXIT_FAIL, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+DATASETS = ("fmnist", "cifar10", "imagenette")
 
 
 def _threads(n: int | None) -> None:
@@ -43,6 +44,99 @@ def cmd_zoo_list(args) -> int:
     return EXIT_OK
 
 
+def _config(args):
+    from benchmark.scoring import ScoreConfig
+
+    kw = {"device": args.device}
+    if getattr(args, "batch_size", None):
+        kw["batch_size"] = args.batch_size
+    if getattr(args, "methods", None):
+        kw["methods"] = tuple(args.methods.split(","))
+    return ScoreConfig(**kw)
+
+
+def cmd_imageset(args) -> int:
+    from benchmark.imagesets import REFERENCE_MODELS, build_imageset, load_imageset
+
+    if args.imageset_command == "build":
+        refs = dict(REFERENCE_MODELS[args.dataset])
+        for spec in args.ref or []:
+            variant, _, mid = spec.partition("=")
+            refs[variant] = mid
+        path = build_imageset(args.dataset, refs, n=args.n)
+        print(f"wrote {path}")
+    s = load_imageset(args.dataset)
+    print(f"{args.dataset} image set OK: {len(s)} images of the {s.split} split, sha256 {s.images_sha256[:16]}..., "
+          f"references {', '.join(r['id'] for r in s.reference_models.values())}")
+    return EXIT_OK
+
+
+def _print_table(dataset: str) -> None:
+    import pandas as pd
+
+    from benchmark.leaderboard import markdown_table
+    from benchmark.results import leaderboards_dir
+
+    df = pd.read_csv(leaderboards_dir() / f"{dataset}.csv")
+    print(markdown_table(df) if len(df) else f"(no rows in {dataset}.csv)")
+
+
+def cmd_leaderboard(args) -> int:
+    from benchmark.harness import score_zoo
+
+    score_zoo(args.dataset, rescore=args.rescore, config=_config(args), progress=not args.quiet)
+    _print_table(args.dataset)
+    return EXIT_OK
+
+
+def cmd_figures(args) -> int:
+    from benchmark.figures import road_figure, saliency_grid, ssim_figure
+    from benchmark.harness import zoo_cards
+    from benchmark.imagesets import load_imageset
+    from model_zoo import zoo
+
+    paths = [ssim_figure(args.dataset), road_figure(args.dataset)]
+    models = {c["variant"]: zoo.load(c["id"]) for c in zoo_cards(args.dataset) if c["variant"] in ("N", "A", "G")}
+    if models:
+        paths.append(saliency_grid(models, load_imageset(args.dataset)))
+    for p in paths:
+        print(f"wrote {p}")
+    return EXIT_OK
+
+
+def cmd_run(args) -> int:
+    """The main job: score the dataset's zoo, write the leaderboards and the figures."""
+    rc = cmd_leaderboard(args)
+    return rc or cmd_figures(args)
+
+
+def cmd_score(args) -> int:
+    from benchmark.harness import submit
+    from benchmark.submit import SubmissionError
+
+    try:
+        card, res = submit(args.file, arch=args.arch, dataset=args.dataset, name=args.name, notes=args.notes,
+                           smoothing=args.smoothing, rescore=args.rescore, config=_config(args),
+                           progress=not args.quiet)
+    except SubmissionError as e:
+        print(f"salbench: rejected: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(f"scored {card['id']} (sha256 {card['sha256'][:12]}...): natural acc {res['accuracy'].get('natural', float('nan')):.4f}, "
+          f"robust acc {res['accuracy'].get('robust', float('nan')):.4f}, acc on set {res['accuracy']['on_set']:.4f}")
+    for m, s in res["summary"].items():
+        print(f"  {m}: Gini {s['gini']:.4f}  SSIM {s['ssim_mean']:.4f}  log10 ROS {s['log10_ros']:.3f} "
+              f"(NaN {s['ros_nan_fraction']:.3f})  AOPC {s['aopc']:.4f}")
+    return EXIT_OK
+
+
+def _scoring_args(p) -> None:
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--batch-size", type=int, default=None, help="images per scoring batch (default 250)")
+    p.add_argument("--methods", default=None, help="comma-separated attribution methods (default VG,IG)")
+    p.add_argument("--rescore", action="store_true", help="ignore cached results and score again")
+    p.add_argument("--quiet", action="store_true")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="salbench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -51,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a zoo model (N, A, G, M1, M2) from a recipe preset",
                        description="Train one zoo entry; checkpoints every epoch and resumes after a crash.")
-    t.add_argument("--dataset", required=True, choices=["fmnist", "cifar10", "imagenette"])
+    t.add_argument("--dataset", required=True, choices=DATASETS)
     t.add_argument("--variant", required=True, choices=["N", "A", "G", "M1", "M2"])
     t.add_argument("--preset", default="paper", help="recipe preset (see model_zoo/recipes.py)")
     t.add_argument("--placement", type=int, default=None, help="SmoothBlock after stage 1, 2 or 3 (default: recipe)")
@@ -62,11 +156,49 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--quiet", action="store_true")
     t.set_defaults(func=cmd_train)
 
+    i = sub.add_parser("imageset", help="build or verify the fixed image set of a dataset (PROTOCOL §4)")
+    isub = i.add_subparsers(dest="imageset_command", required=True)
+    ib = isub.add_parser("build", help="select the 1000 images every reference N/A/G model classifies correctly")
+    ib.add_argument("--dataset", required=True, choices=DATASETS)
+    ib.add_argument("--ref", action="append", help="override a reference model, e.g. --ref N=fmnist-lenet-N-paper")
+    ib.add_argument("--n", type=int, default=1000)
+    iv = isub.add_parser("verify", help="check the committed set against the data files and the zoo")
+    iv.add_argument("--dataset", required=True, choices=DATASETS)
+    i.set_defaults(func=cmd_imageset)
+
+    s = sub.add_parser("score", help="validate, score and add a submitted checkpoint to the leaderboard",
+                       description="Score a checkpoint (.safetensors, or a state-dict .pt read with weights_only=True) "
+                                   "on the dataset's fixed image set and add it to the leaderboard.")
+    s.add_argument("file")
+    s.add_argument("--arch", required=True, help="registry architecture name (salbench zoo archs)")
+    s.add_argument("--dataset", required=True, choices=DATASETS)
+    s.add_argument("--name", required=True, help="leaderboard name of the submission")
+    s.add_argument("--notes", default="", help="free text stored on the card")
+    s.add_argument("--smoothing", default=None, help="SmoothBlock of the model, FILTER[:PLACEMENT], e.g. gaussian:1")
+    _scoring_args(s)
+    s.set_defaults(func=cmd_score)
+
+    lb = sub.add_parser("leaderboard", help="score zoo models without a cached result and rewrite the CSVs")
+    lb.add_argument("--dataset", required=True, choices=DATASETS)
+    _scoring_args(lb)
+    lb.set_defaults(func=cmd_leaderboard)
+
+    f = sub.add_parser("figures", help="SSIM-vs-noise and ROAD curves, saliency-map grid (PNG)")
+    f.add_argument("--dataset", required=True, choices=DATASETS)
+    f.set_defaults(func=cmd_figures)
+
+    r = sub.add_parser("run", help="the main job: leaderboard + figures for a dataset, printing the table")
+    r.add_argument("--dataset", default="fmnist", choices=DATASETS)
+    _scoring_args(r)
+    r.set_defaults(func=cmd_run)
+
     z = sub.add_parser("zoo", help="inspect the model zoo")
     zsub = z.add_subparsers(dest="zoo_command", required=True)
     zl = zsub.add_parser("list", help="list zoo cards with their accuracies")
     zl.add_argument("--dataset", default=None)
     zl.set_defaults(func=cmd_zoo_list)
+    za = zsub.add_parser("archs", help="list registered architectures")
+    za.set_defaults(func=lambda a: print("\n".join(__import__("model_zoo.architectures", fromlist=["x"]).list_archs())) or 0)
     return p
 
 

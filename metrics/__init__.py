@@ -1,0 +1,37 @@
+"""SalBench metrics: trustworthiness scores of gradient saliency maps on plain tensors.
+
+A standalone library (it imports nothing from ``model_zoo`` or ``benchmark``): functions take
+any ``nn.Module`` and tensors, run batched on the inputs' device, draw randomness only from an
+explicit ``torch.Generator``, and return per-image tensors for the caller to aggregate. The
+definitions are those of ``PROTOCOL.md`` (version :data:`PROTOCOL_VERSION`), sections 2-3.
+"""
+
+from __future__ import annotations
+
+from metrics.attributions import Explainer, integrated_gradients, vanilla_gradient
+from metrics.faithfulness import noisy_linear_imputation, road_aopc, road_curve
+from metrics.protocol import PROTOCOL_VERSION
+from metrics.sparsity import gini_index
+from metrics.stability import (
+    SSIMUnderNoise,
+    aggregate_ros,
+    relative_output_stability,
+    ssim,
+    ssim_under_noise,
+)
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "Explainer",
+    "vanilla_gradient",
+    "integrated_gradients",
+    "gini_index",
+    "ssim",
+    "SSIMUnderNoise",
+    "ssim_under_noise",
+    "relative_output_stability",
+    "aggregate_ros",
+    "noisy_linear_imputation",
+    "road_curve",
+    "road_aopc",
+]

@@ -8,7 +8,8 @@ as an uninterrupted run would (on CPU, bit for bit).
 
 from __future__ import annotations
 
-import json
+import hashlib
+import re
 import time
 from pathlib import Path
 
@@ -149,7 +150,7 @@ def train(
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["torch_rng"])
+        torch.set_rng_state(state["torch_rng"].cpu())
         start_epoch, history = state["epoch"], state["history"]
         if progress:
             print(f"[{mid}] resumed after epoch {start_epoch}")
@@ -206,20 +207,19 @@ def publish(model: nn.Module, recipe: Recipe, history: list, *, out_dir=None, te
     """Measure natural (full test split) and robust (first 1000 test images) accuracy and write
     the weights + card atomically (PROTOCOL §3 "Accuracy")."""
     mid = model_id_for(recipe)
-    out = Path(out_dir) if out_dir is not None else zoo.ZOO_DIR
+    out = Path(out_dir) if out_dir is not None else zoo.zoo_dir()
     model.eval()
     nat = natural_accuracy(model, test_split.images, test_split.labels)
     m = min(ROBUST_EVAL_IMAGES, len(test_split))
     rob = robust_accuracy(model, test_split.images[:m], test_split.labels[:m], eps=recipe.eval_eps,
                           alpha=recipe.eval_alpha, steps=recipe.eval_steps, progress=progress)
-    payload = zoo.state_dict_bytes(model, metadata={"id": mid, "arch": recipe.arch})
-    import hashlib
-
+    payload = zoo.state_dict_bytes(model)
     digest = hashlib.sha256(payload).hexdigest()
     fname = f"{mid}-{digest[:8]}.safetensors"
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)
     for old in (out / "checkpoints").glob(f"{mid}-*.safetensors"):
-        if old.name != fname:
+        # only this id's previous weights (another preset's id may share the prefix)
+        if old.name != fname and re.fullmatch(re.escape(mid) + r"-[0-9a-f]{8}\.safetensors", old.name):
             old.unlink()
     zoo.atomic_write_bytes(out / "checkpoints" / fname, payload)
     card = zoo.make_card(

@@ -21,9 +21,17 @@ from torch import nn
 
 from model_zoo.architectures import build
 
-ZOO_DIR = Path(__file__).resolve().parent
-CARDS_DIR = ZOO_DIR / "cards"
-CHECKPOINTS_DIR = ZOO_DIR / "checkpoints"
+ZOO_DIR = Path(__file__).resolve().parent  # the bundled zoo: cards/ + checkpoints/
+
+
+def zoo_dir() -> Path:
+    """``$SALBENCH_ZOO_DIR`` (a folder with ``cards/`` and ``checkpoints/``) or the bundled zoo."""
+    return Path(os.environ.get("SALBENCH_ZOO_DIR") or ZOO_DIR)
+
+
+def default_cards_dir() -> Path:
+    return zoo_dir() / "cards"
+
 CARD_SCHEMA_VERSION = 1
 CARD_FIELDS = (
     "id", "dataset", "arch", "variant", "preset", "recipe", "smoothing", "num_classes", "weights",
@@ -76,11 +84,13 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def state_dict_bytes(model: nn.Module, metadata: dict[str, str] | None = None) -> bytes:
+def state_dict_bytes(model: nn.Module) -> bytes:
+    """The canonical safetensors bytes of a model's weights: the same weights always give the same
+    bytes (and sha256). No metadata is stored: the card carries it."""
     from safetensors.torch import save
 
     sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    return save(sd, metadata=metadata)
+    return save(sd)
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -155,12 +165,12 @@ def load_checkpoint(
 
 # ----------------------------------------------------------------------------- cards
 def card_path(model_id: str) -> Path:
-    return CARDS_DIR / f"{model_id}.json"
+    return default_cards_dir() / f"{model_id}.json"
 
 
 def list_cards(dataset: str | None = None, cards_dir: Path | None = None) -> list[dict]:
     cards = []
-    for p in sorted((cards_dir or CARDS_DIR).glob("*.json")):
+    for p in sorted((cards_dir or default_cards_dir()).glob("*.json")):
         card = json.loads(p.read_text())
         if dataset is None or card.get("dataset") == dataset:
             cards.append(card)
@@ -168,7 +178,7 @@ def list_cards(dataset: str | None = None, cards_dir: Path | None = None) -> lis
 
 
 def get_card(model_id: str, cards_dir: Path | None = None) -> dict:
-    p = (cards_dir or CARDS_DIR) / f"{model_id}.json"
+    p = (cards_dir or default_cards_dir()) / f"{model_id}.json"
     if not p.is_file():
         known = ", ".join(c["id"] for c in list_cards(cards_dir=cards_dir)) or "none"
         raise KeyError(f"no zoo card {model_id!r} (known: {known})")
@@ -176,7 +186,7 @@ def get_card(model_id: str, cards_dir: Path | None = None) -> dict:
 
 
 def weights_path(card: dict, cards_dir: Path | None = None) -> Path:
-    base = (cards_dir or CARDS_DIR).parent / "checkpoints"
+    base = (cards_dir or default_cards_dir()).parent / "checkpoints"
     return base / card["weights"]
 
 

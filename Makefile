@@ -1,0 +1,49 @@
+# SalBench: `make run` (the main job) and `make test` (the default test suite) each do their
+# own setup: a venv in .venv, the package with its dev extras, and the FMNIST data.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.salbench-installed
+TORCH  := torch==2.14.1 torchvision==0.29.1
+# offline CIFAR-10 copy (binary record files) used when present; see model_zoo/data.py
+SHARED_CIFAR := $(abspath $(CURDIR)/../shared/data/cifar10)
+export SALBENCH_CIFAR10_DIR ?= $(if $(wildcard $(SHARED_CIFAR)/test_batch.bin),$(SHARED_CIFAR),)
+PYTEST := $(BIN)/python -m pytest
+
+.PHONY: setup data run test test-slow bench clean help
+help:
+	@echo "make run        score the FMNIST zoo, write leaderboards/ and figures (main job)"
+	@echo "make test       default test suite (< 15 min on 2 cores)"
+	@echo "make test-slow  slow end-to-end tests (training, full scoring)"
+	@echo "make bench      pytest-benchmark speed suite (ratios vs quantus/skimage/scipy)"
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q $(TORCH)
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+setup: $(STAMP) data
+
+# FMNIST: Debian's dataset-fashion-mnist when we are root with apt, else torchvision's download
+data: $(STAMP)
+	@$(BIN)/python -c "from model_zoo.data import load_split; load_split('fmnist', 'train', download=False); load_split('fmnist', 'test', download=False)" 2>/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist) >/dev/null || true; \
+	  fi; \
+	  $(BIN)/python -c "from model_zoo.data import load_split; s = load_split('fmnist', 'train'); t = load_split('fmnist', 'test'); print('FMNIST from', t.source)"; }
+
+run: setup
+	$(BIN)/salbench run --dataset fmnist
+
+test: setup
+	$(PYTEST)
+
+test-slow: setup
+	$(PYTEST) -m slow
+
+bench: setup
+	$(PYTEST) benchmarks -o addopts="" -p no:cacheprovider --benchmark-only --benchmark-columns=mean,stddev,rounds -s
+
+clean:
+	rm -rf $(VENV) .pytest_cache .benchmarks

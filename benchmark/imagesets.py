@@ -1,0 +1,159 @@
+"""The fixed image set of each dataset (PROTOCOL §4): built once from the zoo's reference
+N, A and G models, committed as ``benchmark/imagesets/<dataset>.json``, verified on every load."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from model_zoo import zoo
+from model_zoo.data import Split, load_split
+
+IMAGESETS_DIR = Path(__file__).resolve().parent / "imagesets"
+SET_SIZE = 1000
+SELECTION_SEED = 0
+# the zoo's reference N, A and G of each dataset (PROTOCOL §4)
+REFERENCE_MODELS: dict[str, dict[str, str]] = {
+    d: {v: f"{d}-{arch}-{v}-{preset}" for v in ("N", "A", "G")}
+    for d, arch, preset in (("fmnist", "lenet", "paper-10ep"), ("cifar10", "resnet8", "cpu-resnet8"),
+                            ("imagenette", "resnet18", "paper"))
+}
+
+
+class ImageSetError(ValueError):
+    """The committed image set does not match the data or the zoo it was built from."""
+
+
+@dataclass
+class ImageSet:
+    dataset: str
+    split: str
+    indices: Tensor  # (N,) int64, sorted
+    labels: Tensor  # (N,) int64
+    images: Tensor  # (N, C, H, W) uint8
+    reference_models: dict  # variant -> {"id", "sha256"}
+    images_sha256: str
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def batches(self, batch_size: int):
+        """Yield ``(start, x float [0,1], y)`` over the set in order."""
+        for s in range(0, len(self), batch_size):
+            yield s, self.images[s : s + batch_size].float().div_(255), self.labels[s : s + batch_size]
+
+
+def imageset_path(dataset: str, directory: Path | None = None) -> Path:
+    """``<directory or $SALBENCH_IMAGESETS_DIR or benchmark/imagesets>/<dataset>.json``."""
+    import os
+
+    return Path(directory or os.environ.get("SALBENCH_IMAGESETS_DIR") or IMAGESETS_DIR) / f"{dataset}.json"
+
+
+@torch.no_grad()
+def _correct_mask(model, split: Split, batch_size: int = 1000) -> Tensor:
+    out = torch.empty(len(split), dtype=torch.bool)
+    for s in range(0, len(split), batch_size):
+        out[s : s + batch_size] = model(split.float_images(slice(s, s + batch_size))).argmax(1) == split.labels[s : s + batch_size]
+    return out
+
+
+def select_indices(correct: Tensor, n: int = SET_SIZE, seed: int = SELECTION_SEED) -> np.ndarray:
+    """PROTOCOL §4: ``default_rng(seed).choice`` of ``n`` among the commonly correct indices, sorted.
+
+    >>> select_indices(torch.tensor([True, False, True, True]), n=2).tolist()
+    [2, 3]
+    """
+    pool = np.flatnonzero(correct.numpy())
+    if len(pool) < n:
+        raise ImageSetError(f"only {len(pool)} test images are classified correctly by every reference model; need {n}")
+    chosen = np.random.default_rng(seed).choice(pool, n, replace=False)
+    return np.sort(chosen)
+
+
+def build_imageset(
+    dataset: str,
+    reference_ids: dict[str, str],
+    *,
+    split: str = "test",
+    n: int = SET_SIZE,
+    root=None,
+    out_dir: Path | None = None,
+    cards_dir: Path | None = None,
+    test_split: Split | None = None,
+) -> Path:
+    """Select the set from the reference models ``{"N": id, "A": id, "G": id}`` and write its JSON."""
+    data = test_split or load_split(dataset, split, root)
+    correct = torch.ones(len(data), dtype=torch.bool)
+    refs = {}
+    for variant, mid in sorted(reference_ids.items()):
+        card = zoo.get_card(mid, cards_dir)
+        model = zoo.load(mid, cards_dir=cards_dir)
+        correct &= _correct_mask(model, data)
+        refs[variant] = {"id": mid, "sha256": card["sha256"]}
+    idx = select_indices(correct, n)
+    doc = {
+        "dataset": dataset,
+        "split": split,
+        "protocol": "PROTOCOL §4",
+        "selection": {"rng": f"numpy.random.default_rng({SELECTION_SEED}).choice", "pool_size": int(correct.sum()),
+                      "split_size": len(data)},
+        "reference_models": refs,
+        "images_sha256": data.sha256(idx),
+        "indices": idx.tolist(),
+        "labels": data.labels[torch.as_tensor(idx)].tolist(),
+    }
+    path = imageset_path(dataset, out_dir)
+    zoo.atomic_write_json(path, doc)
+    return path
+
+
+def load_imageset(
+    dataset: str,
+    *,
+    root=None,
+    directory: Path | None = None,
+    test_split: Split | None = None,
+    cards_dir: Path | None = None,
+    check_references: bool = True,
+) -> ImageSet:
+    """Load and verify the committed set: image bytes hash, labels, reference checkpoints.
+
+    Raises:
+        ImageSetError: no set committed, different dataset files, or reference models that
+            are not the ones the set was built from.
+    """
+    path = imageset_path(dataset, directory)
+    if not path.is_file():
+        raise ImageSetError(f"no image set for {dataset!r} at {path}; build it with `salbench imageset build --dataset {dataset}`")
+    doc = json.loads(path.read_text())
+    data = test_split or load_split(dataset, doc["split"], root)
+    idx = torch.tensor(doc["indices"], dtype=torch.int64)
+    if len(idx) and int(idx.max()) >= len(data):
+        raise ImageSetError(f"{path.name} indexes image {int(idx.max())} but the {doc['split']} split has {len(data)} images "
+                            f"(loaded from {data.source}): different dataset files")
+    digest = data.sha256(idx)
+    if digest != doc["images_sha256"]:
+        raise ImageSetError(
+            f"{path.name}: the selected images' sha256 is {digest[:16]}..., the set was built on {doc['images_sha256'][:16]}...: "
+            f"the dataset files at {data.source} differ from the ones the set was built from. "
+            "Use the canonical files (see README); the set is never re-selected silently."
+        )
+    labels = data.labels[idx]
+    if labels.tolist() != doc["labels"]:
+        raise ImageSetError(f"{path.name}: labels differ from the dataset at {data.source}: different dataset files")
+    if check_references:
+        for variant, ref in doc["reference_models"].items():
+            try:
+                card = zoo.get_card(ref["id"], cards_dir)
+            except KeyError as e:
+                raise ImageSetError(f"{path.name}: reference model {variant} {ref['id']!r} is not in the zoo ({e})") from None
+            if card["sha256"] != ref["sha256"]:
+                raise ImageSetError(f"{path.name}: reference model {ref['id']!r} has sha256 {card['sha256'][:16]}... in the zoo, "
+                                    f"the set was built from {ref['sha256'][:16]}...; rebuild the set deliberately")
+    return ImageSet(dataset, doc["split"], idx, labels, data.images[idx].clone(), doc["reference_models"], digest)

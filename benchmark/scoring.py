@@ -1,0 +1,217 @@
+"""Score one model on a fixed image set with every metric (PROTOCOL §2-3).
+
+One pass over the set in batches: per batch and method, the attribution of the clean images
+is computed once and re-used by Gini, SSIM-under-noise, ROS and ROAD; the perturbed-input
+attributions that SSIM and ROS need by definition are the only other explainer calls.
+Every random draw comes from a generator seeded by (seed, method, metric, batch start), so a
+score is a pure function of (weights, image set, config) on a given device.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import platform
+import time
+import zlib
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+import metrics
+from metrics import protocol as P
+from model_zoo.attacks import natural_accuracy, robust_accuracy
+from model_zoo.data import Split
+
+METHODS = ("VG", "IG")
+ROBUST_EVAL = {  # PROTOCOL §3 "Accuracy"
+    "fmnist": dict(eps=0.1, alpha=0.01, steps=40),
+    "cifar10": dict(eps=8 / 255, alpha=2 / 255, steps=10),
+    "imagenette": dict(eps=1 / 255, alpha=2 / 255, steps=20),
+}
+ROBUST_EVAL_IMAGES = 1000
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    """Everything a score depends on besides the weights and the image set (stored with it)."""
+
+    methods: tuple[str, ...] = METHODS
+    batch_size: int = 250
+    seed: int = 0
+    ig_steps: int = P.IG_STEPS
+    ig_internal_batch_size: int | None = None
+    sigmas: tuple[float, ...] = P.SSIM_SIGMAS
+    ros_samples: int = P.ROS_SAMPLES
+    ros_variant: str = "paper"
+    road_percentages: tuple[int, ...] = P.ROAD_PERCENTAGES
+    road_noise: float = P.ROAD_NOISE
+    device: str = "cpu"
+    accuracy: bool = True  # natural (full test split) and robust (first 1000 test images)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+def explainer_for(method: str, cfg: ScoreConfig):
+    if method == "VG":
+        return metrics.vanilla_gradient
+    if method == "IG":
+        return functools.partial(metrics.integrated_gradients, n_steps=cfg.ig_steps,
+                                 internal_batch_size=cfg.ig_internal_batch_size)
+    raise ValueError(f"unknown attribution method {method!r}; expected one of {METHODS}")
+
+
+def _gen(cfg: ScoreConfig, device, *parts) -> torch.Generator:
+    key = zlib.crc32("/".join(map(str, parts)).encode())
+    return torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + key)
+
+
+def _nan_to_none(values):
+    return [None if (v is None or (isinstance(v, float) and math.isnan(v))) else v for v in values]
+
+
+def versions() -> dict:
+    import captum
+
+    out = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
+           "captum": captum.__version__, "protocol": P.PROTOCOL_VERSION}
+    try:
+        from importlib.metadata import version
+
+        out["salbench"] = version("salbench")
+    except Exception:
+        out["salbench"] = "unknown"
+    return out
+
+
+def score(
+    model: nn.Module,
+    imageset,
+    config: ScoreConfig = ScoreConfig(),
+    *,
+    test_split: Split | None = None,
+    progress: bool = True,
+) -> dict:
+    """Score ``model`` on ``imageset`` (a ``benchmark.imagesets.ImageSet``).
+
+    Returns a JSON-able dict with per-image values (``per_image``), aggregates (``summary``),
+    accuracies, timings, the resolved config and package versions. Aggregation follows
+    PROTOCOL §3: Gini mean; SSIM mean over kept images per σ (+ kept fraction); log10 of the
+    nan-mean ROS (+ NaN fraction); ROAD curve = accuracy per level, AOPC.
+    """
+    cfg = config
+    device = torch.device(cfg.device)
+    model = model.to(device).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    n = len(imageset)
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+
+    def tick(key, t0):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        timings[key] = timings.get(key, 0.0) + time.perf_counter() - t0
+
+    correct = torch.zeros(n, dtype=torch.bool)
+    per = {m: {"gini": torch.zeros(n, dtype=torch.float64), "ros": torch.zeros(n, dtype=torch.float64),
+               "ssim": torch.zeros(len(cfg.sigmas), n, dtype=torch.float64),
+               "ssim_kept": torch.zeros(len(cfg.sigmas), n, dtype=torch.bool),
+               "road": torch.zeros(n, len(cfg.road_percentages), dtype=torch.bool)} for m in cfg.methods}
+    explainers = {m: explainer_for(m, cfg) for m in cfg.methods}
+    nb = math.ceil(n / cfg.batch_size)
+    bar = tqdm(total=nb * len(cfg.methods), desc=f"scoring {imageset.dataset}", disable=not progress, leave=False)
+    for start, x, y in imageset.batches(cfg.batch_size):
+        x, y = x.to(device), y.to(device)
+        sl = slice(start, start + len(y))
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            logits = model(x)
+        correct[sl] = (logits.argmax(1) == y).cpu()
+        tick("forward", t0)
+        for m in cfg.methods:
+            ex = explainers[m]
+            t0 = time.perf_counter()
+            maps = ex(model, x, y)
+            tick(f"{m}/attribution", t0)
+            t0 = time.perf_counter()
+            per[m]["gini"][sl] = metrics.gini_index(maps).double().cpu()
+            tick(f"{m}/gini", t0)
+            t0 = time.perf_counter()
+            s = metrics.ssim_under_noise(model, x, y, ex, sigmas=cfg.sigmas,
+                                         generator=_gen(cfg, device, m, "ssim", start), maps=maps)
+            per[m]["ssim"][:, sl] = s.scores.double().cpu()
+            per[m]["ssim_kept"][:, sl] = s.kept.cpu()
+            tick(f"{m}/ssim", t0)
+            t0 = time.perf_counter()
+            per[m]["ros"][sl] = metrics.relative_output_stability(
+                model, x, y, ex, n_samples=cfg.ros_samples, variant=cfg.ros_variant,
+                generator=_gen(cfg, device, m, "ros", start), maps=maps, logits=logits).double().cpu()
+            tick(f"{m}/ros", t0)
+            t0 = time.perf_counter()
+            per[m]["road"][sl] = metrics.road_curve(model, x, y, maps, percentages=cfg.road_percentages,
+                                                    noise=cfg.road_noise,
+                                                    generator=_gen(cfg, device, m, "road", start)).cpu()
+            tick(f"{m}/road", t0)
+            bar.update(1)
+    bar.close()
+    metrics_seconds = time.perf_counter() - t_start
+
+    acc = {"on_set": float(correct.float().mean())}
+    if cfg.accuracy and test_split is not None:
+        t0 = time.perf_counter()
+        acc["natural"] = natural_accuracy(model, test_split.images, test_split.labels)
+        tick("natural_accuracy", t0)
+        t0 = time.perf_counter()
+        k = min(ROBUST_EVAL_IMAGES, len(test_split))
+        rob = ROBUST_EVAL[imageset.dataset]
+        acc["robust"] = robust_accuracy(model, test_split.images[:k], test_split.labels[:k], **rob,
+                                        progress=progress)
+        acc["robust_protocol"] = {**rob, "images": f"first {k} test images", "random_start": True}
+        tick("robust_accuracy", t0)
+
+    summary, per_image = {}, {"correct": correct.int().tolist()}
+    for m in cfg.methods:
+        d = per[m]
+        kept = d["ssim_kept"]
+        ssim_means = [float(d["ssim"][i][kept[i]].mean()) if kept[i].any() else float("nan")
+                      for i in range(len(cfg.sigmas))]
+        log10_ros, nan_frac = metrics.aggregate_ros(d["ros"])
+        curve = d["road"].double().mean(0)
+        summary[m] = {
+            "gini": float(d["gini"].mean()),
+            "ssim": dict(zip(map(str, cfg.sigmas), ssim_means)),
+            "ssim_kept_fraction": dict(zip(map(str, cfg.sigmas), kept.double().mean(1).tolist())),
+            "ssim_mean": float(np.nanmean(ssim_means)),
+            "log10_ros": float(log10_ros),
+            "ros_nan_fraction": float(nan_frac),
+            "road_curve": dict(zip(map(str, cfg.road_percentages), curve.tolist())),
+            "aopc": float(metrics.road_aopc(d["road"])),
+        }
+        per_image[m] = {
+            "gini": d["gini"].tolist(),
+            "ros": _nan_to_none(d["ros"].tolist()),
+            "ssim": [_nan_to_none(r) for r in d["ssim"].tolist()],
+            "ssim_kept": kept.int().tolist(),
+            "road": d["road"].int().tolist(),
+        }
+    timings = {k: round(v, 3) for k, v in timings.items()}
+    timings["metrics_total"] = round(metrics_seconds, 3)
+    timings["total"] = round(time.perf_counter() - t_start, 3)
+    return {
+        "protocol": P.PROTOCOL_VERSION,
+        "dataset": imageset.dataset,
+        "imageset": {"images_sha256": imageset.images_sha256, "n": n, "split": imageset.split},
+        "config": cfg.to_dict(),
+        "versions": versions(),
+        "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
+        "accuracy": acc,
+        "summary": summary,
+        "per_image": per_image,
+        "timings": timings,
+    }

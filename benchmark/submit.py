@@ -1,0 +1,112 @@
+"""Submissions: validate an outside checkpoint, card it, and hand it to the harness.
+
+Validation happens before anything is written: the file is read without unpickling code
+(safetensors, or ``torch.load(weights_only=True)``), must fit the architecture exactly (keys
+and shapes), hold only finite weights, and produce finite logits of the dataset's class count.
+A rejected file leaves every result, card and leaderboard file untouched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from model_zoo import zoo
+from model_zoo.data import IMAGE_SHAPE, NUM_CLASSES
+
+from benchmark.results import leaderboards_dir
+
+
+def submissions_root() -> Path:
+    return leaderboards_dir() / "submissions"
+
+
+class SubmissionError(ValueError):
+    """The submitted checkpoint failed validation; the message says what is wrong."""
+
+
+def slug(name: str) -> str:
+    s = re.sub(r"[^A-Za-z0-9._-]+", "-", name.strip()).strip("-.")
+    if not s:
+        raise SubmissionError(f"--name {name!r} has no usable characters; use letters, digits, '-', '_' or '.'")
+    return s[:80]
+
+
+def parse_smoothing(spec: str | None) -> dict | None:
+    """``"gaussian:1"`` -> ``{"filter": "gaussian", "placement": 1}``; None/"none" -> None."""
+    if spec in (None, "", "none"):
+        return None
+    filt, _, place = spec.partition(":")
+    try:
+        return {"filter": filt, "placement": int(place or 1)}
+    except ValueError:
+        raise SubmissionError(f"--smoothing must look like FILTER[:PLACEMENT] (e.g. gaussian:1), got {spec!r}") from None
+
+
+def validate(path: str | Path, *, arch: str, dataset: str, smoothing: dict | None = None,
+             probe: torch.Tensor | None = None) -> torch.nn.Module:
+    """Load and check a submitted checkpoint; return the model (eval mode, CPU).
+
+    Raises:
+        SubmissionError: with a one-line reason (format, arch mismatch, non-finite weights or outputs,
+            wrong class count).
+    """
+    path = Path(path)
+    try:
+        model = zoo.load_checkpoint(path, arch, num_classes=NUM_CLASSES[dataset], dataset=dataset, smoothing=smoothing)
+    except zoo.CheckpointError as e:
+        raise SubmissionError(str(e)) from None
+    except ValueError as e:  # unknown arch / smoothing / dataset for this arch
+        raise SubmissionError(f"{path.name}: {e}") from None
+    bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise SubmissionError(f"{path.name}: non-finite (NaN/inf) weights in {bad[:3]}")
+    x = probe if probe is not None else torch.rand(8, *IMAGE_SHAPE[dataset], generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = model(x)
+    if out.ndim != 2 or out.shape[1] != NUM_CLASSES[dataset]:
+        raise SubmissionError(f"{path.name}: model outputs shape {tuple(out.shape)}, expected (B, {NUM_CLASSES[dataset]}) logits")
+    if not torch.isfinite(out).all():
+        raise SubmissionError(f"{path.name}: model outputs non-finite logits on valid [0, 1] inputs")
+    return model
+
+
+def prepare_submission(path: str | Path, *, arch: str, dataset: str, name: str, notes: str = "",
+                       smoothing: dict | None = None, submissions_dir: Path | None = None,
+                       probe: torch.Tensor | None = None) -> tuple[torch.nn.Module, dict, bytes]:
+    """Validate and build the card + canonical safetensors bytes, without writing anything."""
+    model = validate(path, arch=arch, dataset=dataset, smoothing=smoothing, probe=probe)
+    mid = f"{dataset}-sub-{slug(name)}"
+    payload = zoo.state_dict_bytes(model)
+    digest = hashlib.sha256(payload).hexdigest()
+    sdir = (submissions_dir or submissions_root()) / dataset
+    existing = sdir / f"{mid}.json"
+    if existing.is_file():
+        old = json.loads(existing.read_text())
+        if old["sha256"] != digest:
+            raise SubmissionError(f"the name {name!r} is already used by another checkpoint ({old['sha256'][:12]}...); "
+                                  "choose another --name")
+    card = zoo.make_card(
+        model_id=mid, model=model, weights_file=f"{mid}-{digest[:8]}.safetensors", sha256=digest, dataset=dataset,
+        arch=arch, variant="submission", preset="submission", recipe=None, smoothing=smoothing,
+        natural_accuracy=float("nan"), robust_accuracy=float("nan"), robust_protocol={},
+        num_classes=NUM_CLASSES[dataset], source="submission",
+        extra={"name": name, "notes": notes, "submitted_file": Path(path).name, "file_sha256": zoo.sha256_file(path)},
+    )
+    return model, card, payload
+
+
+def store_submission(card: dict, payload: bytes, submissions_dir: Path | None = None) -> Path:
+    sdir = (submissions_dir or submissions_root()) / card["dataset"]
+    zoo.atomic_write_bytes(sdir / card["weights"], payload)
+    zoo.atomic_write_json(sdir / f"{card['id']}.json", card)
+    return sdir / f"{card['id']}.json"
+
+
+def list_submission_cards(dataset: str, submissions_dir: Path | None = None) -> list[dict]:
+    sdir = (submissions_dir or submissions_root()) / dataset
+    return [json.loads(p.read_text()) for p in sorted(sdir.glob("*.json"))]

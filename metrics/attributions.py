@@ -1,0 +1,151 @@
+"""Gradient saliency maps (PROTOCOL §2 "Attributions").
+
+Both explainers return one (B, H, W) map per image, summed over channels, for the target class
+``y`` (the true label). They run on the device and in the dtype of ``x``. Putting the model in
+evaluation mode (``model.eval()``) is the caller's job: the explainers never change the model.
+Any callable with the :data:`Explainer` signature can be passed to the stability metrics.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Literal, overload
+
+import torch
+from captum.attr import IntegratedGradients, Saliency
+from torch import Tensor, nn
+
+from metrics._validation import check_images, check_labels
+from metrics.protocol import IG_METHOD, IG_STEPS
+
+#: ``explainer(model, x (B, C, H, W), y (B,)) -> maps (B, H, W)``.
+Explainer = Callable[[nn.Module, Tensor, Tensor], Tensor]
+
+__all__ = ["Explainer", "vanilla_gradient", "integrated_gradients"]
+
+
+def _check_inputs(model: nn.Module, x: Tensor, y: Tensor) -> None:
+    if not callable(model):
+        raise ValueError(f"model must be a callable nn.Module, got {type(model).__name__}")
+    check_images(x)
+    check_labels(y, x.shape[0])
+    if bool((y < 0).any()):
+        raise ValueError(f"y must hold non-negative class indices, got min {int(y.min())}")
+
+
+def vanilla_gradient(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    r"""Vanilla gradient (VG): the absolute gradient of the target logit, summed over channels (PROTOCOL §2).
+
+    captum ``Saliency`` with the protocol's settings.
+
+    Args:
+        model: classifier mapping (B, C, H, W) images in [0, 1] to (B, K) logits, in eval mode.
+        x: images (B, C, H, W). Not modified; gradients flow through a detached copy.
+        y: target classes (B,), integer.
+
+    Returns:
+        maps (B, H, W), non-negative, same dtype and device as ``x``, detached.
+
+    Raises:
+        ValueError: if ``x`` is not a finite floating (B, C, H, W) tensor with B > 0, or ``y``
+            is not an integer (B,) tensor of non-negative labels.
+
+    Example:
+        >>> model = nn.Sequential(nn.Flatten(), nn.Linear(4, 2, bias=False))
+        >>> with torch.no_grad():
+        ...     _ = model[1].weight.copy_(torch.tensor([[1., -2., 3., -4.], [0., 0., 0., 0.]]))
+        >>> vanilla_gradient(model, torch.full((1, 1, 2, 2), 0.5), torch.tensor([0]))
+        tensor([[[1., 2.],
+                 [3., 4.]]])
+    """
+    _check_inputs(model, x, y)
+    inputs = x.detach().clone().requires_grad_(True)
+    attr = Saliency(model).attribute(inputs, target=y, abs=True)
+    return attr.detach().sum(dim=1)
+
+
+@overload
+def integrated_gradients(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    n_steps: int = ...,
+    internal_batch_size: int | None = ...,
+    return_convergence_delta: Literal[False] = ...,
+) -> Tensor: ...
+
+
+@overload
+def integrated_gradients(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    n_steps: int = ...,
+    internal_batch_size: int | None = ...,
+    *,
+    return_convergence_delta: Literal[True],
+) -> tuple[Tensor, Tensor]: ...
+
+
+def integrated_gradients(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    n_steps: int = IG_STEPS,
+    internal_batch_size: int | None = None,
+    return_convergence_delta: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    r"""Integrated gradients (IG) from the black image, summed (signed) over channels (PROTOCOL §2).
+
+    captum ``IntegratedGradients`` with the protocol's settings. The signed channel sum keeps
+    completeness: ``maps.sum((1, 2)) = logit_y(x) - logit_y(0) + delta``.
+
+    Args:
+        model: classifier mapping (B, C, H, W) images in [0, 1] to (B, K) logits, in eval mode.
+        x: images (B, C, H, W). Not modified.
+        y: target classes (B,), integer.
+        n_steps: number of integration nodes on the path (default: the protocol's).
+        internal_batch_size: forwarded to captum; ``None`` evaluates all ``B * n_steps``
+            path points in one batch (fastest, most memory).
+        return_convergence_delta: also return captum's per-image completeness error (B,).
+
+    Returns:
+        maps (B, H, W), same dtype and device as ``x``, detached; with
+        ``return_convergence_delta=True`` the tuple ``(maps, delta)`` with ``delta`` (B,).
+
+    Raises:
+        ValueError: on a malformed ``x`` / ``y`` (see :func:`vanilla_gradient`), or if
+            ``n_steps`` or ``internal_batch_size`` is not a positive integer.
+
+    Example:
+        >>> model = nn.Sequential(nn.Flatten(), nn.Linear(4, 2, bias=False))
+        >>> with torch.no_grad():
+        ...     _ = model[1].weight.copy_(torch.tensor([[1., -2., 3., -4.], [0., 0., 0., 0.]]))
+        >>> x = torch.tensor([[[[0.5, 0.5], [1.0, 0.25]]]])
+        >>> maps, delta = integrated_gradients(model, x, torch.tensor([0]), return_convergence_delta=True)
+        >>> maps.round(decimals=4)
+        tensor([[[ 0.5000, -1.0000],
+                 [ 3.0000, -1.0000]]])
+        >>> bool(delta.abs().max() < 1e-5)
+        True
+    """
+    _check_inputs(model, x, y)
+    if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 1:
+        raise ValueError(f"n_steps must be a positive integer, got {n_steps!r}")
+    if internal_batch_size is not None and (
+        isinstance(internal_batch_size, bool) or not isinstance(internal_batch_size, int) or internal_batch_size < 1
+    ):
+        raise ValueError(f"internal_batch_size must be a positive integer or None, got {internal_batch_size!r}")
+    inputs = x.detach()
+    result = IntegratedGradients(model).attribute(
+        inputs,
+        baselines=0,
+        target=y,
+        n_steps=n_steps,
+        method=IG_METHOD,
+        internal_batch_size=internal_batch_size,
+        return_convergence_delta=return_convergence_delta,
+    )
+    if return_convergence_delta:
+        attr, delta = result
+        return attr.detach().sum(dim=1), delta.detach()
+    return result.detach().sum(dim=1)

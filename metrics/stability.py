@@ -1,0 +1,334 @@
+"""Stability of saliency maps (PROTOCOL §3 "SSIM under noise" and "ROS").
+
+Input side: :func:`ssim_under_noise` compares the map of an image with the map of a noisy copy
+through :func:`ssim`, a batched torch port of ``skimage.metrics.structural_similarity``.
+Output side: :func:`relative_output_stability` relates the change of the map to the change of
+the logits under small uniform perturbations (Agarwal et al. 2022, as computed by quantus).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal, NamedTuple, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from metrics._validation import (
+    check_finite,
+    check_images,
+    check_labels,
+    check_maps,
+    check_maps_match_images,
+    check_rank,
+    default_generator,
+    rand_like,
+    randn_like,
+)
+from metrics.attributions import Explainer
+from metrics.protocol import (
+    ROS_EPS,
+    ROS_NOISE_HIGH,
+    ROS_NOISE_LOW,
+    ROS_SAMPLES,
+    SSIM_DATA_RANGE,
+    SSIM_K1,
+    SSIM_K2,
+    SSIM_SIGMAS,
+    SSIM_WIN_SIZE,
+)
+
+__all__ = ["ssim", "SSIMUnderNoise", "ssim_under_noise", "relative_output_stability", "aggregate_ros"]
+
+
+def ssim(a: Tensor, b: Tensor, data_range: float = SSIM_DATA_RANGE, win_size: int = SSIM_WIN_SIZE) -> Tensor:
+    r"""Mean structural similarity of each pair of maps (PROTOCOL §3 "SSIM under noise").
+
+    Equals ``skimage.metrics.structural_similarity(a[i], b[i], data_range=data_range,
+    win_size=win_size)`` for every i (uniform window, sample covariances, mean over the valid
+    region, i.e. without the border of ``(win_size - 1) // 2`` pixels, so padding never
+    matters). Computed in float64 on the inputs' device, returned in their dtype.
+
+    Args:
+        a: maps (B, H, W).
+        b: maps (B, H, W), same shape as ``a``.
+        data_range: dynamic range of the maps (default: the protocol's, as the authors' code).
+        win_size: odd side length of the window, at most ``min(H, W)``.
+
+    Returns:
+        SSIM per pair (B,), at most 1.
+
+    Raises:
+        ValueError: if ``a`` or ``b`` is not a non-empty, finite, floating (B, H, W) tensor,
+            if their shapes differ, if ``win_size`` is not odd, at least 3 and at most
+            ``min(H, W)``, or if ``data_range`` is not positive.
+
+    Example:
+        >>> a = torch.arange(36.).reshape(1, 6, 6) / 35
+        >>> ssim(a, a)
+        tensor([1.])
+        >>> ssim(a, a.flip(-1)).round(decimals=4)  # skimage: 0.94583...
+        tensor([0.9458])
+    """
+    check_maps(a, "a")
+    check_maps(b, "b")
+    if a.shape != b.shape:
+        raise ValueError(f"a and b must have the same shape (B, H, W), got {tuple(a.shape)} and {tuple(b.shape)}")
+    if isinstance(win_size, bool) or not isinstance(win_size, int) or win_size < 3 or win_size % 2 == 0:
+        raise ValueError(f"win_size must be an odd integer >= 3, got {win_size!r}")
+    if win_size > min(a.shape[1:]):
+        raise ValueError(f"win_size {win_size} exceeds the map size {tuple(a.shape[1:])}")
+    if not (isinstance(data_range, (int, float)) and math.isfinite(data_range) and data_range > 0):
+        raise ValueError(f"data_range must be a positive finite number, got {data_range!r}")
+
+    x = a.to(torch.float64)
+    y = b.to(torch.float64)
+    stack = torch.stack([x, y, x * x, y * y, x * y], dim=1)  # (B, 5, H, W)
+    means = F.avg_pool2d(stack, win_size, stride=1)  # valid region only
+    ux, uy, uxx, uyy, uxy = means.unbind(dim=1)
+    n = win_size**2
+    cov_norm = n / (n - 1)
+    vx = cov_norm * (uxx - ux * ux)
+    vy = cov_norm * (uyy - uy * uy)
+    vxy = cov_norm * (uxy - ux * uy)
+    c1 = (SSIM_K1 * data_range) ** 2
+    c2 = (SSIM_K2 * data_range) ** 2
+    s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux * ux + uy * uy + c1) * (vx + vy + c2))
+    return s.mean(dim=(1, 2)).to(a.dtype)
+
+
+class SSIMUnderNoise(NamedTuple):
+    """Result of :func:`ssim_under_noise`: one row per noise level σ, one column per image."""
+
+    #: SSIM between the map of x and the map of the noisy copy, (S, B), for every image.
+    scores: Tensor
+    #: whether the noisy copy is still classified as ``y`` (S, B) bool; average ``scores`` over these.
+    kept: Tensor
+
+
+def _check_model(model: object) -> None:
+    if not callable(model):
+        raise ValueError(f"model must be a callable nn.Module, got {type(model).__name__}")
+
+
+def _check_explainer(explainer: object) -> None:
+    if not callable(explainer):
+        raise ValueError(f"explainer must be callable as explainer(model, x, y), got {type(explainer).__name__}")
+
+
+def _explain(explainer: Explainer, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    maps = explainer(model, x, y)
+    if not isinstance(maps, Tensor) or maps.shape != (x.shape[0], *x.shape[2:]):
+        got = tuple(maps.shape) if isinstance(maps, Tensor) else type(maps).__name__
+        raise ValueError(f"explainer must return maps of shape (B, H, W) = {(x.shape[0], *x.shape[2:])}, got {got}")
+    return maps.detach()
+
+
+def _logits(model: nn.Module, x: Tensor) -> Tensor:
+    with torch.no_grad():
+        return model(x)
+
+
+def ssim_under_noise(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    explainer: Explainer,
+    sigmas: Sequence[float] = SSIM_SIGMAS,
+    generator: torch.Generator | None = None,
+    maps: Tensor | None = None,
+) -> SSIMUnderNoise:
+    r"""Input-side stability: SSIM between maps of x and of noisy x (PROTOCOL §3 "SSIM under noise").
+
+    For each σ in ``sigmas``, in order, one Gaussian draw per image from ``generator`` makes
+    the clipped noisy copy ``x~``; ``scores[s] = ssim(maps, explainer(model, x~, y))`` and
+    ``kept[s] = (argmax model(x~) == y)``. Scores are returned for every image; the protocol's
+    aggregate per σ is ``scores[s][kept[s]].mean()``, reported with ``kept[s].float().mean()``.
+
+    Args:
+        model: classifier (B, C, H, W) in [0, 1] -> (B, K) logits, in eval mode.
+        x: images (B, C, H, W).
+        y: true labels (B,), the attribution target.
+        explainer: ``explainer(model, x, y) -> (B, H, W)``, e.g. :func:`vanilla_gradient`.
+        sigmas: noise standard deviations in [0, 1] pixel space, S of them.
+        generator: source of every noise draw. ``None`` uses a fresh generator on ``x``'s device
+            seeded with 0. Draws are made on the generator's device.
+        maps: ``explainer(model, x, y)`` if already computed (B, H, W), to avoid recomputing it.
+
+    Returns:
+        ``SSIMUnderNoise(scores (S, B) in the dtype of the maps, kept (S, B) bool)``.
+
+    Raises:
+        ValueError: on a malformed ``x``, ``y`` or ``maps`` (wrong rank, batch-size mismatch,
+            NaN/inf, empty batch), a negative or non-finite σ, an empty ``sigmas``, or an
+            explainer that returns the wrong shape.
+
+    Example:
+        >>> from metrics.attributions import vanilla_gradient
+        >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(36, 2))
+        >>> x, y = torch.rand(3, 1, 6, 6, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 1, 0])
+        >>> out = ssim_under_noise(model, x, y, vanilla_gradient, sigmas=(0.1, 0.2))
+        >>> out.scores.shape, out.kept.shape
+        (torch.Size([2, 3]), torch.Size([2, 3]))
+        >>> bool((out.scores == 1).all())  # the gradient of a linear model does not depend on x
+        True
+    """
+    _check_model(model)
+    _check_explainer(explainer)
+    check_images(x)
+    check_labels(y, x.shape[0])
+    sigmas = tuple(sigmas)
+    if not sigmas:
+        raise ValueError("sigmas is empty; pass at least one noise level")
+    for sigma in sigmas:
+        if not (isinstance(sigma, (int, float)) and math.isfinite(sigma) and sigma >= 0):
+            raise ValueError(f"every sigma must be a finite number >= 0, got {sigma!r}")
+    if maps is None:
+        maps = _explain(explainer, model, x, y)
+    else:
+        check_maps_match_images(maps, x)
+    generator = default_generator(generator, x.device)
+
+    scores, kept = [], []
+    for sigma in sigmas:
+        noisy = (x + sigma * randn_like(x, generator)).clamp_(0.0, 1.0)
+        noisy_maps = _explain(explainer, model, noisy, y)
+        kept.append(_logits(model, noisy).argmax(dim=1) == y)
+        scores.append(ssim(maps, noisy_maps.to(maps.dtype)))
+    return SSIMUnderNoise(torch.stack(scores), torch.stack(kept))
+
+
+def relative_output_stability(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    explainer: Explainer,
+    n_samples: int = ROS_SAMPLES,
+    variant: Literal["paper", "agarwal"] = "paper",
+    generator: torch.Generator | None = None,
+    maps: Tensor | None = None,
+    logits: Tensor | None = None,
+) -> Tensor:
+    r"""Relative output stability (ROS) per image, lower = more stable (PROTOCOL §3 "ROS").
+
+    Each of the ``n_samples`` perturbations ``x'`` is one uniform draw per element from
+    ``generator`` (one-sided, not clipped); the map of ``x'`` comes from ``explainer`` and the
+    output change from the logits. ``variant="paper"`` is what quantus
+    ``RelativeOutputStability`` computes (leaderboards): a sample whose prediction flips makes
+    the image NaN. ``variant="agarwal"`` (Agarwal et al. 2022, the paper's Eq. 34) divides by
+    the relative logit change (with the ``[h == 0]`` guard of the numerator) and leaves
+    flipped samples out of the maximum (NaN only if every sample flips).
+
+    Args:
+        model: classifier (B, C, H, W) -> (B, K) logits, in eval mode.
+        x: images (B, C, H, W).
+        y: true labels (B,), the attribution target.
+        explainer: ``explainer(model, x, y) -> (B, H, W)``.
+        n_samples: number of perturbations per image (default: the protocol's).
+        variant: ``"paper"`` or ``"agarwal"``.
+        generator: source of the perturbations; ``None`` uses a fresh generator on ``x``'s
+            device seeded with 0. Draws are made on the generator's device.
+        maps: ``explainer(model, x, y)`` if already computed (B, H, W).
+        logits: ``model(x)`` if already computed (B, K).
+
+    Returns:
+        ROS per image (B,) in the dtype of the maps; NaN marks images as described above.
+        Aggregate with :func:`aggregate_ros`.
+
+    Raises:
+        ValueError: on a malformed ``x``, ``y``, ``maps`` or ``logits`` (wrong rank, batch-size
+            mismatch, NaN/inf, empty batch), ``n_samples < 1``, an unknown ``variant``, or an
+            explainer that returns the wrong shape.
+
+    Example:
+        >>> from metrics.attributions import vanilla_gradient
+        >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(36, 2))
+        >>> x, y = torch.rand(3, 1, 6, 6, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 1, 0])
+        >>> relative_output_stability(model, x, y, vanilla_gradient).shape
+        torch.Size([3])
+        >>> # a linear model's gradient map never changes, so the numerator (and ROS) is 0
+        >>> bool((relative_output_stability(model, x, y, vanilla_gradient).nan_to_num(0.0) == 0).all())
+        True
+    """
+    _check_model(model)
+    _check_explainer(explainer)
+    check_images(x)
+    check_labels(y, x.shape[0])
+    if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
+        raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}")
+    if variant not in ("paper", "agarwal"):
+        raise ValueError(f"variant must be 'paper' or 'agarwal', got {variant!r}")
+    if maps is None:
+        maps = _explain(explainer, model, x, y)
+    else:
+        check_maps_match_images(maps, x)
+    if logits is None:
+        logits = _logits(model, x)
+    else:
+        check_rank(logits, "logits", "B K")
+        if logits.shape[0] != x.shape[0]:
+            raise ValueError(f"batch size mismatch: x has shape {tuple(x.shape)} but logits has shape {tuple(logits.shape)}")
+        check_finite(logits, "logits")
+    generator = default_generator(generator, x.device)
+
+    e = maps.flatten(1)
+    e_safe = e + ROS_EPS * (e == 0)
+    h = logits.detach().to(e.dtype)
+    pred = h.argmax(dim=1)
+    if variant == "agarwal":
+        h_safe = h + ROS_EPS * (h == 0)
+    ratios = []
+    for _ in range(n_samples):
+        noise = rand_like(x, generator) * (ROS_NOISE_HIGH - ROS_NOISE_LOW) + ROS_NOISE_LOW
+        perturbed = x + noise
+        e_p = _explain(explainer, model, perturbed, y).flatten(1).to(e.dtype)
+        h_p = _logits(model, perturbed).to(e.dtype)
+        numerator = torch.linalg.vector_norm((e - e_p) / e_safe, dim=1)
+        if variant == "paper":
+            denominator = torch.linalg.vector_norm(h - h_p, dim=1)
+            denominator = denominator + ROS_EPS * (denominator == 0)
+        else:
+            denominator = torch.linalg.vector_norm((h - h_p) / h_safe, dim=1).clamp(min=ROS_EPS)
+        ratio = numerator / denominator
+        flipped = h_p.argmax(dim=1) != pred
+        ratios.append(torch.where(flipped, torch.full_like(ratio, math.nan), ratio))
+    r = torch.stack(ratios)  # (n_samples, B)
+    nan = torch.isnan(r)
+    best = torch.where(nan, torch.full_like(r, -math.inf), r).amax(dim=0)
+    if variant == "paper":
+        return torch.where(nan.any(dim=0), torch.full_like(best, math.nan), best)
+    return torch.where(nan.all(dim=0), torch.full_like(best, math.nan), best)
+
+
+def aggregate_ros(ros: Tensor) -> tuple[float, float]:
+    r"""Protocol aggregate of per-image ROS: ``(log10(nanmean(ros)), fraction of NaN)``.
+
+    Args:
+        ros: per-image ROS (B,), as returned by :func:`relative_output_stability`.
+
+    Returns:
+        ``(log10 of the mean over non-NaN images, NaN fraction)``; the first is NaN when every
+        image is NaN.
+
+    Raises:
+        ValueError: if ``ros`` is not a non-empty floating (B,) tensor or holds an infinity.
+
+    Example:
+        >>> log_mean, nan_fraction = aggregate_ros(torch.tensor([10.0, 1000.0, float("nan"), 1.0]))
+        >>> round(log_mean, 4), nan_fraction  # log10((10 + 1000 + 1) / 3)
+        (2.5276, 0.25)
+    """
+    check_rank(ros, "ros", "B")
+    if ros.numel() == 0:
+        raise ValueError("ros is empty (shape (0,)); pass at least one image")
+    if not ros.is_floating_point():
+        raise ValueError(f"ros must be a floating-point tensor, got dtype {ros.dtype}")
+    if bool(torch.isinf(ros).any()):
+        raise ValueError(f"ros contains an infinity (shape {tuple(ros.shape)}); ROS values are finite or NaN")
+    values = ros.to(torch.float64)
+    nan = torch.isnan(values)
+    nan_fraction = float(nan.to(torch.float64).mean())
+    if bool(nan.all()):
+        return math.nan, nan_fraction
+    return math.log10(float(values[~nan].mean())), nan_fraction

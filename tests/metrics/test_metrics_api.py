@@ -1,0 +1,83 @@
+"""The public surface of the metrics package and its dependency direction (DESIGN.md)."""
+
+from __future__ import annotations
+
+import ast
+import inspect
+from pathlib import Path
+
+import metrics
+from metrics import protocol
+
+PACKAGE_DIR = Path(metrics.__file__).parent
+PUBLIC = {
+    "PROTOCOL_VERSION",
+    "Explainer",
+    "vanilla_gradient",
+    "integrated_gradients",
+    "gini_index",
+    "ssim",
+    "SSIMUnderNoise",
+    "ssim_under_noise",
+    "relative_output_stability",
+    "aggregate_ros",
+    "noisy_linear_imputation",
+    "road_curve",
+    "road_aopc",
+}
+
+
+def test_all_exports_exist():
+    assert set(metrics.__all__) == PUBLIC
+    for name in metrics.__all__:
+        assert getattr(metrics, name) is not None
+    assert metrics.PROTOCOL_VERSION == protocol.PROTOCOL_VERSION == "v1"
+
+
+def test_public_functions_are_documented_with_shapes_raises_and_examples():
+    for name in PUBLIC - {"PROTOCOL_VERSION", "Explainer", "SSIMUnderNoise"}:
+        doc = inspect.getdoc(getattr(metrics, name))
+        assert doc, name
+        for section in ("Args:", "Returns:", "Raises:", "Example:", "PROTOCOL"):
+            if name == "aggregate_ros" and section == "PROTOCOL":
+                continue
+            assert section in doc, f"{name} docstring lacks {section!r}"
+        assert ">>>" in doc, name
+
+
+def _imported_top_level_modules(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_metrics_depends_only_on_torch_and_captum():
+    allowed = {"__future__", "math", "typing", "torch", "captum", "metrics"}
+    for path in sorted(PACKAGE_DIR.glob("*.py")):
+        imported = _imported_top_level_modules(path)
+        assert imported <= allowed, f"{path.name} imports {sorted(imported - allowed)}"
+
+
+def test_protocol_constants_are_not_retyped_in_code():
+    """The protocol's numbers live in metrics/protocol.py; code imports them (STYLE.md)."""
+    numbers = {
+        v
+        for name, v in vars(protocol).items()
+        if name.isupper() and isinstance(v, float) and v not in (0.0, 1.0, 2.0)
+    }
+    numbers |= set(protocol.SSIM_SIGMAS) | {w for _, _, w in protocol.ROAD_NEIGHBOUR_WEIGHTS}
+    assert {1e-7, 1e-6, 0.02, 0.2, 0.01, 0.03, 1 / 6, 1 / 12} <= numbers
+    for path in sorted(PACKAGE_DIR.glob("*.py")):
+        if path.name == "protocol.py":
+            continue
+        constants = {
+            node.value
+            for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, ast.Constant) and isinstance(node.value, float)
+        }
+        assert not constants & numbers, f"{path.name} re-types {sorted(constants & numbers)}"

@@ -1,0 +1,133 @@
+"""SmoothBlock: y = x + Conv1x1(F(x)), F a fixed 3x3 kornia filter (PROTOCOL §5)."""
+
+from __future__ import annotations
+
+import math
+
+import kornia.filters as KF
+import pytest
+import torch
+
+from model_zoo.smoothing import FILTERS, SmoothBlock, gaussian_sigma
+
+
+def _rand(*shape, seed=0, dtype=torch.float32):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+@pytest.mark.parametrize("width, sigma", [(12, 2.15), (24, 3.95), (28, 4.55), (8, 1.55), (3, 0.8), (1, 0.5)])
+def test_sigma_rule(width, sigma):
+    # σ = 0.3·((W - 1)·0.5 - 1) + 0.8, the authors' rule (OpenCV's default for ksize = W)
+    assert gaussian_sigma(width) == pytest.approx(sigma)
+    assert SmoothBlock(4, width=width).sigma == pytest.approx(sigma)
+
+
+def test_sigma_rule_rejects_empty_width():
+    with pytest.raises(ValueError):
+        gaussian_sigma(0)
+
+
+@pytest.mark.parametrize("filter", FILTERS)
+def test_shape_kept(filter):
+    block = SmoothBlock(5, width=9, filter=filter)
+    x = _rand(2, 5, 7, 9)
+    assert block.smooth(x).shape == x.shape
+    assert block(x).shape == x.shape
+
+
+def test_invalid_filter():
+    with pytest.raises(ValueError, match="gaussian"):
+        SmoothBlock(3, width=8, filter="bilateral")
+
+
+@pytest.mark.parametrize("width", [6, 12])
+def test_gaussian_impulse_response(width):
+    """An impulse in the middle of a map is spread to its 3x3 neighbourhood with the
+    normalised Gaussian weights exp(-d²/2σ²) of the σ rule, computed here by hand."""
+    block = SmoothBlock(2, width=width, filter="gaussian")
+    x = torch.zeros(1, 2, 7, 7)
+    x[0, 0, 3, 3] = 1.0
+    x[0, 1, 3, 3] = -2.0  # per channel (depthwise)
+    s = gaussian_sigma(width)
+    g = torch.tensor([math.exp(-(d * d) / (2 * s * s)) for d in (-1, 0, 1)])
+    g = g / g.sum()
+    kernel = torch.outer(g, g)
+    out = block.smooth(x)
+    expected = torch.zeros(1, 2, 7, 7)
+    expected[0, 0, 2:5, 2:5] = kernel
+    expected[0, 1, 2:5, 2:5] = -2 * kernel
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-7)
+    assert out[0, 0, 3, 3] < 1.0 and out[0, 0, 2, 2] > 0  # really smoothed
+
+
+def test_mean_impulse_response():
+    block = SmoothBlock(1, width=7, filter="mean")
+    x = torch.zeros(1, 1, 7, 7)
+    x[0, 0, 3, 3] = 9.0
+    expected = torch.zeros(1, 1, 7, 7)
+    expected[0, 0, 2:5, 2:5] = 1.0
+    torch.testing.assert_close(block.smooth(x), expected)
+
+
+def test_median_removes_an_impulse_and_keeps_an_edge():
+    block = SmoothBlock(1, width=7, filter="median")
+    x = torch.zeros(1, 1, 7, 7)
+    x[0, 0, 3, 3] = 5.0
+    assert torch.equal(block.smooth(x), torch.zeros_like(x))
+    edge = torch.zeros(1, 1, 7, 7)
+    edge[..., 4:] = 1.0  # a step edge is a fixed point of the median
+    assert torch.equal(block.smooth(edge), edge)
+
+
+@pytest.mark.parametrize("width", [5, 12, 24])
+def test_gaussian_equals_kornia(width):
+    block = SmoothBlock(4, width=width, filter="gaussian")
+    x = _rand(2, 4, 9, 11)
+    s = gaussian_sigma(width)
+    ref = KF.gaussian_blur2d(x, (3, 3), (s, s))  # default border: reflect
+    torch.testing.assert_close(block.smooth(x), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_mean_equals_kornia_box_blur():
+    block = SmoothBlock(4, width=12, filter="mean")
+    x = _rand(2, 4, 9, 11, seed=1)
+    torch.testing.assert_close(block.smooth(x), KF.box_blur(x, (3, 3)), rtol=1e-5, atol=1e-6)
+
+
+def test_median_equals_kornia_median_blur():
+    block = SmoothBlock(4, width=12, filter="median")
+    x = _rand(2, 4, 9, 11, seed=2)
+    torch.testing.assert_close(block.smooth(x), KF.median_blur(x, (3, 3)), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("filter", FILTERS)
+def test_forward_is_residual_plus_mixed_filter(filter):
+    torch.manual_seed(0)
+    block = SmoothBlock(3, width=10, filter=filter)
+    x = _rand(2, 3, 6, 10, seed=3)
+    w, b = block.mix.weight[:, :, 0, 0], block.mix.bias
+    expected = x + torch.einsum("oc,bchw->bohw", w, block.smooth(x)) + b.view(1, -1, 1, 1)
+    torch.testing.assert_close(block(x), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("filter", ["gaussian", "mean"])
+def test_gradcheck(filter):
+    block = SmoothBlock(2, width=8, filter=filter).double()
+    x = _rand(1, 2, 5, 6, seed=4, dtype=torch.float64).requires_grad_(True)
+    assert torch.autograd.gradcheck(block, (x,))
+
+
+@pytest.mark.parametrize("filter", FILTERS)
+def test_gradients_reach_input_and_mixing(filter):
+    block = SmoothBlock(3, width=8, filter=filter)
+    x = _rand(2, 3, 6, 6, seed=5).requires_grad_(True)
+    (block(x) ** 2).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    assert block.mix.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("filter", FILTERS)
+def test_filter_is_fixed_and_not_saved(filter):
+    block = SmoothBlock(3, width=8, filter=filter)
+    assert [n for n, _ in block.named_parameters()] == ["mix.weight", "mix.bias"]
+    assert set(block.state_dict()) == {"mix.weight", "mix.bias"}
