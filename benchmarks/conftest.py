@@ -100,7 +100,9 @@ def record():
         benchmark.extra_info.update(
             {"ours_s": ours_s, "reference_s": reference_s, "ratio": ratio, "target": target, **info}
         )
-        _RESULTS.append({"name": name, "ours_s": ours_s, "reference_s": reference_s, "ratio": ratio, "target": target, **info})
+        _RESULTS.append(
+            {"name": name, "ours_s": ours_s, "reference_s": reference_s, "ratio": ratio, "target": target, **info}
+        )
         return ratio
 
     return _record
@@ -115,7 +117,8 @@ def pytest_terminal_summary(terminalreporter):
     for r in _RESULTS:
         met = "yes" if r["ratio"] >= r["target"] else "NO"
         tr.write_line(
-            f"{r['name']:<46} {r['ours_s']:>10.4f} {r['reference_s']:>14.4f} {r['ratio']:>7.1f}x {r['target']:>6.1f}x  {met}"
+            f"{r['name']:<46} {r['ours_s']:>10.4f} {r['reference_s']:>14.4f} "
+            f"{r['ratio']:>7.1f}x {r['target']:>6.1f}x  {met}"
         )
         notes = {k: v for k, v in r.items() if k not in ("name", "ours_s", "reference_s", "ratio", "target")}
         if notes:

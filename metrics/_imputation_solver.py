@@ -39,7 +39,8 @@ def _check_weights() -> None:
     # filter without its centre; fail loudly if the protocol's weights ever differ.
     got = {(dy, dx): w for dy, dx, w in ROAD_NEIGHBOUR_WEIGHTS}
     offsets = {(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx}
-    if got.keys() != offsets or any(abs(_SCALE * w - (2 - abs(dy)) * (2 - abs(dx))) > 1e-12 for (dy, dx), w in got.items()):
+    integer = all(abs(_SCALE * w - (2 - abs(dy)) * (2 - abs(dx))) < 1e-12 for (dy, dx), w in got.items())
+    if got.keys() != offsets or not integer:
         raise RuntimeError("ROAD_NEIGHBOUR_WEIGHTS changed; metrics/_imputation_solver.py must follow")
 
 
@@ -196,11 +197,12 @@ def solve_imputation(
 ) -> Tensor:
     """Noise-free linear imputation of ``x`` (B, C, H, W) at ``removed`` (B, H, W) pixels.
 
-    Returns float64 (B, C, H, W); inputs are assumed validated. ``tol`` bounds the max-abs
-    residual of the (unscaled) system per plane.
+    Returns (B, C, H, W) in the dtype of ``x`` (the solve runs in float64 with ``work_dtype``
+    corrections, one chunk of planes at a time); inputs are assumed validated. ``tol`` bounds
+    the max-abs residual of the (unscaled) system per plane.
     """
     batch, channels, height, width = x.shape
-    planes = x.reshape(batch * channels, height, width).to(torch.float64)
+    planes = x.reshape(batch * channels, height, width)
     plane_mask = removed.repeat_interleave(channels, dim=0)
     # Planes with similar numbers of unknowns need similar numbers of iterations: solving them
     # in the same chunk wastes fewer iterations on planes that are already done.
@@ -209,5 +211,5 @@ def solve_imputation(
     out = torch.empty_like(planes)
     for start in range(0, planes.shape[0], per_chunk):
         idx = order[start : start + per_chunk]
-        out[idx] = _solve_chunk(planes[idx], plane_mask[idx], tol, work_dtype)
+        out[idx] = _solve_chunk(planes[idx].to(torch.float64), plane_mask[idx], tol, work_dtype).to(x.dtype)
     return out.view(batch, channels, height, width)

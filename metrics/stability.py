@@ -41,6 +41,11 @@ from metrics.protocol import (
 
 __all__ = ["ssim", "SSIMUnderNoise", "ssim_under_noise", "relative_output_stability", "aggregate_ros"]
 
+#: :func:`ssim` works on chunks of pairs whose 5 float64 planes hold about this many values: on
+#: CPU small enough to stay in cache (measured fastest), on GPUs large enough to fill the device.
+_SSIM_CHUNK_ELEMENTS = {"cpu": 1 << 18}
+_SSIM_CHUNK_ELEMENTS_DEFAULT = 1 << 26
+
 
 def ssim(a: Tensor, b: Tensor, data_range: float = SSIM_DATA_RANGE, win_size: int = SSIM_WIN_SIZE) -> Tensor:
     r"""Mean structural similarity of each pair of maps (PROTOCOL §3 "SSIM under noise").
@@ -82,20 +87,75 @@ def ssim(a: Tensor, b: Tensor, data_range: float = SSIM_DATA_RANGE, win_size: in
     if not (isinstance(data_range, (int, float)) and math.isfinite(data_range) and data_range > 0):
         raise ValueError(f"data_range must be a positive finite number, got {data_range!r}")
 
-    x = a.to(torch.float64)
-    y = b.to(torch.float64)
-    stack = torch.stack([x, y, x * x, y * y, x * y], dim=1)  # (B, 5, H, W)
-    means = F.avg_pool2d(stack, win_size, stride=1)  # valid region only
-    ux, uy, uxx, uyy, uxy = means.unbind(dim=1)
-    n = win_size**2
+    batch, height, width = a.shape
+    per_chunk = _SSIM_CHUNK_ELEMENTS.get(a.device.type, _SSIM_CHUNK_ELEMENTS_DEFAULT)
+    chunk = max(1, per_chunk // (5 * height * width))
+    out = torch.empty(batch, dtype=torch.float64, device=a.device)
+    # one work buffer for all chunks; its tail only ever feeds windows outside the valid region
+    size = min(chunk, batch) * 5 * height * width + (win_size - 1) * (width + 1)
+    buf = torch.empty(size, dtype=torch.float64, device=a.device)
+    for start in range(0, batch, chunk):
+        sl = slice(start, start + chunk)
+        out[sl] = _ssim_chunk(a[sl], b[sl], data_range, win_size, buf)
+    return out.to(a.dtype)
+
+
+def _window_sums(flat: Tensor, win: int, step: int, length: int) -> Tensor:
+    """``out[i] = sum_{j < win} flat[i + j * step]`` for ``i < length``, by doubling.
+
+    ``flat`` is 1-D with at least ``length + (win - 1) * step`` entries. Sums of 2, 4, 8, ...
+    consecutive taps are built once and combined, so a window costs about
+    ``log2(win) + popcount(win)`` contiguous additions instead of ``win``.
+    """
+    powers = {1: flat}
+    size = 1
+    while 2 * size <= win:
+        prev = powers[size]
+        n = prev.shape[0] - size * step
+        powers[2 * size] = torch.add(prev[:n], prev[size * step : size * step + n])
+        size *= 2
+    parts, offset = [], 0
+    for size in sorted(powers, reverse=True):
+        if (win - offset) & size:
+            parts.append(powers[size][offset * step : offset * step + length])
+            offset += size
+    out = parts[0].clone() if len(parts) == 1 else torch.add(parts[0], parts[1])
+    for part in parts[2:]:
+        out.add_(part)
+    return out
+
+
+def _ssim_chunk(a: Tensor, b: Tensor, data_range: float, win_size: int, buf: Tensor) -> Tensor:
+    """SSIM of (k, H, W) pairs in float64, as skimage computes it (see :func:`ssim`).
+
+    ``buf`` is float64 work space of at least ``k * 5 * H * W + (win_size - 1) * (W + 1)``."""
+    k, height, width = a.shape
+    n = win_size * win_size
     cov_norm = n / (n - 1)
-    vx = cov_norm * (uxx - ux * ux)
-    vy = cov_norm * (uyy - uy * uy)
-    vxy = cov_norm * (uxy - ux * uy)
-    c1 = (SSIM_K1 * data_range) ** 2
-    c2 = (SSIM_K2 * data_range) ** 2
-    s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux * ux + uy * uy + c1) * (vx + vy + c2))
-    return s.mean(dim=(1, 2)).to(a.dtype)
+    # Window sums S instead of means u = S / n: the n^2 factors cancel in the ratio below.
+    c1 = (SSIM_K1 * data_range * n) ** 2
+    c2 = (SSIM_K2 * data_range * n) ** 2
+    # The 5 planes x, y, xx, yy, xy of all pairs, flattened into one buffer. Window sums along
+    # rows (step 1) and columns (step W) are shifted additions over the whole buffer; windows
+    # that wrap across a row or plane end land outside the valid region and are dropped.
+    size = k * 5 * height * width
+    buf = buf[: size + (win_size - 1) * (width + 1)]
+    planes = buf[:size].view(k, 5, height, width)
+    planes[:, 0].copy_(a)
+    planes[:, 1].copy_(b)
+    torch.mul(planes[:, 0], planes[:, 0], out=planes[:, 2])
+    torch.mul(planes[:, 1], planes[:, 1], out=planes[:, 3])
+    torch.mul(planes[:, 0], planes[:, 1], out=planes[:, 4])
+    rows = _window_sums(buf, win_size, 1, size + (win_size - 1) * width)
+    sums = _window_sums(rows, win_size, width, size).view(k, 5, height, width)
+    sums = sums[:, :, : height - win_size + 1, : width - win_size + 1]  # the valid region
+    sx, sy, sxx, syy, sxy = sums.unbind(dim=1)
+    sxsy = sx * sy
+    sq = torch.addcmul(sx * sx, sy, sy)  # sx^2 + sy^2
+    # (2 ux uy + C1)(2 vxy + C2) / ((ux^2 + uy^2 + C1)(vx + vy + C2)), times n^4 / n^4
+    num = torch.add(sxsy, c1 / 2).mul_(torch.add(sxsy, sxy, alpha=-n).mul_(-cov_norm).add_(c2 / 2))
+    den = torch.add(sq, c1).mul_(torch.add(sq, sxx + syy, alpha=-n).mul_(-cov_norm).add_(c2))
+    return num.div_(den).mean(dim=(1, 2)).mul_(4)
 
 
 class SSIMUnderNoise(NamedTuple):
@@ -128,6 +188,35 @@ def _explain(explainer: Explainer, model: nn.Module, x: Tensor, y: Tensor) -> Te
 def _logits(model: nn.Module, x: Tensor) -> Tensor:
     with torch.no_grad():
         return model(x)
+
+
+def _explain_and_predict(explainer: Explainer, model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """``(explainer(model, x, y), model(x))``, re-using the explainer's own forward pass on x.
+
+    Gradient explainers such as :func:`vanilla_gradient` call ``model`` on exactly ``x``: a
+    forward hook keeps that output, which saves a second forward pass. When no call sees ``x``
+    itself (integrated gradients evaluates other points), the logits are computed afterwards.
+    """
+    captured: list[Tensor] = []
+
+    def keep_logits(module: nn.Module, args: tuple, output: object) -> None:
+        if (
+            not captured
+            and args
+            and isinstance(args[0], Tensor)
+            and isinstance(output, Tensor)
+            and args[0].shape == x.shape
+            and torch.equal(args[0].detach(), x)
+        ):
+            captured.append(output.detach())
+
+    handle = model.register_forward_hook(keep_logits) if isinstance(model, nn.Module) else None
+    try:
+        maps = _explain(explainer, model, x, y)
+    finally:
+        if handle is not None:
+            handle.remove()
+    return maps, (captured[0] if captured else _logits(model, x))
 
 
 def ssim_under_noise(
@@ -193,8 +282,8 @@ def ssim_under_noise(
     scores, kept = [], []
     for sigma in sigmas:
         noisy = (x + sigma * randn_like(x, generator)).clamp_(0.0, 1.0)
-        noisy_maps = _explain(explainer, model, noisy, y)
-        kept.append(_logits(model, noisy).argmax(dim=1) == y)
+        noisy_maps, noisy_logits = _explain_and_predict(explainer, model, noisy, y)
+        kept.append(noisy_logits.argmax(dim=1) == y)
         scores.append(ssim(maps, noisy_maps.to(maps.dtype)))
     return SSIMUnderNoise(torch.stack(scores), torch.stack(kept))
 
@@ -268,7 +357,9 @@ def relative_output_stability(
     else:
         check_rank(logits, "logits", "B K")
         if logits.shape[0] != x.shape[0]:
-            raise ValueError(f"batch size mismatch: x has shape {tuple(x.shape)} but logits has shape {tuple(logits.shape)}")
+            raise ValueError(
+                f"batch size mismatch: x has shape {tuple(x.shape)} but logits has shape {tuple(logits.shape)}"
+            )
         check_finite(logits, "logits")
     generator = default_generator(generator, x.device)
 
@@ -281,9 +372,8 @@ def relative_output_stability(
     ratios = []
     for _ in range(n_samples):
         noise = rand_like(x, generator) * (ROS_NOISE_HIGH - ROS_NOISE_LOW) + ROS_NOISE_LOW
-        perturbed = x + noise
-        e_p = _explain(explainer, model, perturbed, y).flatten(1).to(e.dtype)
-        h_p = _logits(model, perturbed).to(e.dtype)
+        e_p, h_p = _explain_and_predict(explainer, model, x + noise, y)
+        e_p, h_p = e_p.flatten(1).to(e.dtype), h_p.to(e.dtype)
         numerator = torch.linalg.vector_norm((e - e_p) / e_safe, dim=1)
         if variant == "paper":
             denominator = torch.linalg.vector_norm(h - h_p, dim=1)

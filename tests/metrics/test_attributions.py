@@ -62,7 +62,10 @@ def test_integrated_gradients_completeness_within_captum_delta(lenet, fmnist_tes
 def test_internal_batch_size_does_not_change_the_result(lenet, fmnist_test):
     x, y = fmnist_test[0][:6], fmnist_test[1][:6]
     torch.testing.assert_close(
-        integrated_gradients(lenet, x, y, internal_batch_size=64), integrated_gradients(lenet, x, y), rtol=1e-5, atol=1e-6
+        integrated_gradients(lenet, x, y, internal_batch_size=64),
+        integrated_gradients(lenet, x, y),
+        rtol=1e-5,
+        atol=1e-6,
     )
 
 
@@ -114,7 +117,9 @@ def test_bad_input_raises_value_error(explainer, x, y, match):
         explainer(_rgb_model(), x, y)
 
 
-@pytest.mark.parametrize("kwargs, match", [({"n_steps": 0}, "n_steps"), ({"internal_batch_size": 0}, "internal_batch_size")])
+@pytest.mark.parametrize(
+    "kwargs, match", [({"n_steps": 0}, "n_steps"), ({"internal_batch_size": 0}, "internal_batch_size")]
+)
 def test_integrated_gradients_bad_options(kwargs, match):
     with pytest.raises(ValueError, match=match):
         integrated_gradients(_rgb_model(), torch.rand(1, 3, 8, 8), torch.tensor([0]), **kwargs)

@@ -169,6 +169,19 @@ def test_imputation_noise_is_seeded_and_only_on_removed_pixels(fmnist_test, vg_m
     assert torch.equal(default, noisy_linear_imputation(x, mask, generator=torch.Generator().manual_seed(0)))
 
 
+def test_solver_working_precision_does_not_change_the_solution(fmnist_test, vg_maps):
+    from metrics._imputation_solver import solve_imputation
+
+    x = fmnist_test[0][:8]
+    mask = _top_k_mask(vg_maps[:8], 0.9)
+    torch.testing.assert_close(
+        solve_imputation(x.double(), mask, work_dtype=torch.float32),
+        solve_imputation(x.double(), mask, work_dtype=torch.float64),
+        atol=1e-8,
+        rtol=0,
+    )
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_imputation_on_cuda_matches_cpu():
     g = torch.Generator().manual_seed(0)
@@ -182,14 +195,24 @@ def test_imputation_on_cuda_matches_cpu():
 @pytest.mark.parametrize(
     "x, mask, kwargs, match",
     [
-        (torch.rand(2, 1, 8, 8), torch.zeros(2, 8, 7, dtype=torch.bool), {}, r"mask must have shape.*\(2, 8, 8\).*\(2, 8, 7\)"),
+        (
+            torch.rand(2, 1, 8, 8),
+            torch.zeros(2, 8, 7, dtype=torch.bool),
+            {},
+            r"mask must have shape.*\(2, 8, 8\).*\(2, 8, 7\)",
+        ),
         (torch.rand(2, 1, 8, 8), torch.zeros(3, 8, 8, dtype=torch.bool), {}, r"mask must have shape.*\(3, 8, 8\)"),
         (torch.rand(2, 1, 8, 8), torch.zeros(2, 1, 8, 8, dtype=torch.bool), {}, r"mask must have shape \(B, H, W\)"),
         (torch.rand(2, 1, 8, 8), torch.zeros(2, 8, 8), {}, r"bool.*float32"),
         (torch.rand(1, 8, 8), torch.zeros(1, 8, 8, dtype=torch.bool), {}, r"x must have shape \(B, C, H, W\)"),
         (torch.rand(0, 1, 8, 8), torch.zeros(0, 8, 8, dtype=torch.bool), {}, r"x is empty"),
         (torch.full((1, 1, 8, 8), math.nan), torch.zeros(1, 8, 8, dtype=torch.bool), {}, r"x contains non-finite"),
-        (torch.rand(2, 1, 8, 8), torch.ones(2, 8, 8, dtype=torch.bool), {}, r"removes every pixel of image\(s\) \[0, 1\]"),
+        (
+            torch.rand(2, 1, 8, 8),
+            torch.ones(2, 8, 8, dtype=torch.bool),
+            {},
+            r"removes every pixel of image\(s\) \[0, 1\]",
+        ),
         (torch.rand(1, 1, 8, 8), torch.zeros(1, 8, 8, dtype=torch.bool), {"noise": -0.1}, r"noise.*-0.1"),
     ],
 )

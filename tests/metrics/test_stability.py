@@ -13,6 +13,7 @@ from torch import nn
 from metrics import (
     SSIMUnderNoise,
     aggregate_ros,
+    integrated_gradients,
     relative_output_stability,
     ssim,
     ssim_under_noise,
@@ -193,7 +194,8 @@ def test_ros_paper_equals_quantus_when_fed_the_same_perturbations(lenet, fmnist_
         return arr + noise.reshape(arr.shape).numpy()
 
     ref = _quantus_ros(lenet, x, y, maps, perturb_func=same_noise_as_ours)
-    ours = relative_output_stability(lenet, x, y, vanilla_gradient, generator=torch.Generator().manual_seed(7), maps=maps)
+    g = torch.Generator().manual_seed(7)
+    ours = relative_output_stability(lenet, x, y, vanilla_gradient, generator=g, maps=maps)
     ours = ours.double().numpy()
     assert np.array_equal(np.isnan(ours), np.isnan(ref))
     assert 0 < np.isnan(ours).sum() < len(ours)  # the test exercises the NaN rule
@@ -261,14 +263,15 @@ def test_ros_nan_rules_paper_vs_agarwal():
     x[..., 0], x[..., 1] = 1.1, math.sqrt(0.5) - 0.05
     y = torch.zeros(64, dtype=torch.long)
     n = 3
-    paper = relative_output_stability(model, x, y, vanilla_gradient, n_samples=n, generator=torch.Generator().manual_seed(0))
+    paper = relative_output_stability(
+        model, x, y, vanilla_gradient, n_samples=n, generator=torch.Generator().manual_seed(0)
+    )
     agarwal = relative_output_stability(
         model, x, y, vanilla_gradient, n_samples=n, variant="agarwal", generator=torch.Generator().manual_seed(0)
     )
     g = torch.Generator().manual_seed(0)
-    flips = torch.stack(
-        [((x + torch.rand(x.shape, generator=g, dtype=torch.float64) * 0.18 + 0.02) ** 2).flatten(1).sum(1) > 2 for _ in range(n)]
-    )
+    perturbed = [x + torch.rand(x.shape, generator=g, dtype=torch.float64) * 0.18 + 0.02 for _ in range(n)]
+    flips = torch.stack([(p**2).flatten(1).sum(1) > 2 for p in perturbed])
     any_flip, all_flip = flips.any(0), flips.all(0)
     assert (~any_flip).any() and (any_flip & ~all_flip).any() and all_flip.any()  # every case occurs
     assert torch.equal(torch.isnan(paper), any_flip)  # paper: one flip poisons the image
@@ -301,6 +304,22 @@ def test_ros_reuses_maps_and_logits_and_is_deterministic(lenet, fmnist_test):
     assert torch.equal(a.nan_to_num(-1), b.nan_to_num(-1)) and torch.equal(a.nan_to_num(-1), c.nan_to_num(-1))
     d = relative_output_stability(lenet, x, y, vanilla_gradient, generator=torch.Generator().manual_seed(1))
     assert not torch.equal(a.nan_to_num(-1), d.nan_to_num(-1))
+
+
+def test_logits_reused_from_the_explainer_pass_equal_a_separate_forward(lenet, fmnist_test):
+    # an nn.Module gets its x' logits from a forward hook on the explainer's own pass; a plain
+    # callable (no hooks) and an explainer that never evaluates x' itself (IG) get a forward.
+    x, y = fmnist_test[0][:12], fmnist_test[1][:12]
+    plain = lambda t: lenet(t)  # noqa: E731
+    for explainer in (vanilla_gradient, lambda m, t, c: integrated_gradients(m, t, c, n_steps=4)):
+        hooked = relative_output_stability(lenet, x, y, explainer, n_samples=2)
+        separate = relative_output_stability(plain, x, y, explainer, n_samples=2)
+        torch.testing.assert_close(hooked, separate, equal_nan=True, rtol=1e-5, atol=0)
+        a = ssim_under_noise(lenet, x, y, explainer, sigmas=(0.2, 0.5))
+        b = ssim_under_noise(plain, x, y, explainer, sigmas=(0.2, 0.5))
+        assert torch.equal(a.kept, b.kept)
+        torch.testing.assert_close(a.scores, b.scores)
+    assert not lenet._forward_hooks  # the hook is removed
 
 
 def test_ros_bad_input(lenet, fmnist_test):

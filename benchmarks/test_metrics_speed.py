@@ -1,0 +1,289 @@
+"""Speed of the metrics next to their references, on the same inputs (see conftest.py).
+
+The LeNet of PROTOCOL §5 (trained one epoch) on the first 1000 FMNIST test images, except the
+224x224 RGB imputation benchmark. Targets (reference time / our time): ROAD >= 20x quantus,
+SSIM >= 10x skimage, ROS >= 3x quantus, VG/IG >= 70 % of raw forward+backward throughput,
+224x224 imputation >= 10x a per-image scipy spsolve loop.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from scipy.sparse import csc_matrix
+from scipy.sparse.linalg import spsolve
+
+from metrics import (
+    integrated_gradients,
+    noisy_linear_imputation,
+    relative_output_stability,
+    road_curve,
+    ssim,
+    vanilla_gradient,
+)
+from metrics.protocol import ROAD_NEIGHBOUR_WEIGHTS, ROAD_NOISE, ROAD_PERCENTAGES, SSIM_SIGMAS
+
+quantus = pytest.importorskip("quantus")
+skimage_metrics = pytest.importorskip("skimage.metrics")
+
+
+def _best(fn: Callable[[], object], rounds: int) -> float:
+    best = float("inf")
+    for _ in range(rounds):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _timed(benchmark, fn: Callable[[], object], rounds: int) -> float:
+    """Run ``fn`` under pytest-benchmark and return the best wall time of its rounds."""
+    times: list[float] = []
+
+    def run():
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+
+    benchmark.pedantic(run, rounds=rounds, iterations=1, warmup_rounds=0)
+    return min(times)
+
+
+# ----------------------------------------------------------------------------------------- ROAD
+
+
+def test_road_vs_quantus(benchmark, record, lenet, fmnist, vg_maps):
+    x, y = fmnist
+    ours = _timed(benchmark, lambda: road_curve(lenet, x, y, vg_maps), rounds=2)
+    n_ref = 200  # quantus ROAD costs ~40-55 ms per image: timed on 200 images, scaled to 1000
+    metric = quantus.ROAD(
+        percentages=list(ROAD_PERCENTAGES), noise=ROAD_NOISE, abs=False, normalise=False, disable_warnings=True
+    )
+
+    def reference():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            metric(
+                model=lenet,
+                x_batch=x[:n_ref].numpy(),
+                y_batch=y[:n_ref].numpy(),
+                a_batch=vg_maps[:n_ref, None].numpy(),
+                device="cpu",
+                batch_size=n_ref,  # quantus 0.6.0 only keeps its first internal batch
+                channel_first=True,
+            )
+
+    ref = _best(reference, rounds=2) * len(x) / n_ref
+    record(
+        benchmark, "ROAD, 20 levels, 1000 images vs quantus.ROAD", ours, ref, 20.0,
+        reference_note=f"quantus timed on {n_ref} images, scaled x{len(x) // n_ref}",
+    )  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------- SSIM
+
+
+def test_ssim_vs_skimage(benchmark, record, lenet, fmnist, vg_maps):
+    x, y = fmnist
+    g = torch.Generator().manual_seed(0)
+    noisy_maps = [  # attribution passes are not timed
+        vanilla_gradient(lenet, (x + s * torch.randn(x.shape, generator=g)).clamp(0, 1), y) for s in SSIM_SIGMAS
+    ]
+    ours = _timed(benchmark, lambda: [ssim(vg_maps, m) for m in noisy_maps], rounds=5)
+    a = vg_maps.numpy()
+    bs = [m.numpy() for m in noisy_maps]
+
+    def reference():
+        for b in bs:
+            for i in range(len(a)):
+                skimage_metrics.structural_similarity(a[i], b[i], data_range=2, win_size=5)
+
+    ref = _best(reference, rounds=2)
+    record(benchmark, "SSIM, 8 noise levels x 1000 pairs vs skimage loop", ours, ref, 10.0)
+
+
+# ------------------------------------------------------------------------------------------ ROS
+
+
+def _numpy_vg(model, inputs, targets, **kwargs):
+    return vanilla_gradient(model, torch.as_tensor(inputs), torch.as_tensor(targets)).numpy()
+
+
+def test_ros_vs_quantus(benchmark, record, lenet, fmnist, vg_maps):
+    x, y = fmnist
+    ours = _timed(benchmark, lambda: relative_output_stability(lenet, x, y, vanilla_gradient, maps=vg_maps), rounds=3)
+    metric = quantus.RelativeOutputStability(nr_samples=5, disable_warnings=True)
+
+    def reference():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            metric(
+                model=lenet,
+                x_batch=x.numpy(),
+                y_batch=y.numpy(),
+                a_batch=vg_maps[:, None].numpy(),
+                explain_func=_numpy_vg,  # the same VG on both sides
+                softmax=False,
+                device="cpu",
+                batch_size=len(x),
+            )
+
+    ref = _best(reference, rounds=3)
+    record(benchmark, "ROS (VG), 5 samples, 1000 images vs quantus", ours, ref, 3.0)
+
+
+# ------------------------------------------------------------------------ attribution throughput
+
+
+def _raw_forward_backward(model, x, y):
+    xr = x.detach().requires_grad_(True)
+    (grad,) = torch.autograd.grad(model(xr).gather(1, y[:, None]).sum(), xr)
+    return grad
+
+
+def test_vanilla_gradient_throughput(benchmark, record, lenet, fmnist):
+    x, y = fmnist
+    ours = _timed(benchmark, lambda: vanilla_gradient(lenet, x, y), rounds=5)
+    raw = _best(lambda: _raw_forward_backward(lenet, x, y), rounds=5)
+    ratio = record(benchmark, "VG throughput vs raw fwd+bwd (batch 1000)", ours, raw, 0.7)
+    benchmark.extra_info["images_per_s"] = len(x) / ours
+    benchmark.extra_info["raw_images_per_s"] = len(x) / raw
+    assert ratio > 0  # the ratio is throughput(VG) / throughput(raw)
+
+
+def test_integrated_gradients_throughput(benchmark, record, lenet, fmnist):
+    x, y = fmnist
+    n, steps = 100, 50  # 100 images x 50 steps = 5000 path points per pass
+    ours = _timed(benchmark, lambda: integrated_gradients(lenet, x[:n], y[:n], n_steps=steps), rounds=3)
+    xs, ys = x[:n].repeat_interleave(steps, 0), y[:n].repeat_interleave(steps, 0)  # the same batch size
+    raw = _best(lambda: _raw_forward_backward(lenet, xs, ys), rounds=3)
+    record(benchmark, "IG(50) throughput vs raw fwd+bwd (5000 points)", ours, raw, 0.7)
+    benchmark.extra_info["path_points_per_s"] = n * steps / ours
+    benchmark.extra_info["raw_images_per_s"] = n * steps / raw
+
+
+# ----------------------------------------------------------------------- 224x224 RGB imputation
+
+
+def _order_masks(scores: torch.Tensor) -> torch.Tensor:
+    """(B, H, W) scores -> (B * L, H, W) masks of the 20 ROAD levels (top-k, stable)."""
+    b, h, w = scores.shape
+    n = h * w
+    order = torch.sort(scores.reshape(b, -1), dim=1, descending=True, stable=True).indices
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(n).expand(b, n))
+    k = torch.tensor([int(n * p / 100) for p in ROAD_PERCENTAGES])
+    return (rank[:, None, :] < k[None, :, None]).reshape(b * len(k), h, w)
+
+
+def _scores(kind: str, n_images: int, size: int = 224) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    if kind == "scattered":  # noisy, VG-like maps: removed pixels spread over the image
+        return torch.rand(n_images, size, size, generator=g)
+    field = torch.randn(n_images, 1, size, size, generator=g)  # smooth maps: large blobs
+    kernel = torch.exp(-torch.arange(-15, 16.0) ** 2 / (2 * 6.0**2))
+    kernel = kernel / kernel.sum()
+    field = F.conv2d(field, kernel.view(1, 1, 1, -1), padding=(0, 15))
+    field = F.conv2d(field, kernel.view(1, 1, -1, 1), padding=(15, 0))
+    return field[:, 0]
+
+
+def _scipy_imputation(x: np.ndarray, removed: np.ndarray) -> np.ndarray:
+    """One image (C, H, W), one mask: the sparse system built with numpy, solved by spsolve."""
+    channels, height, width = x.shape
+    idx = np.flatnonzero(removed)
+    k = len(idx)
+    var = -np.ones(height * width, dtype=np.int64)
+    var[idx] = np.arange(k)
+    r, c = np.divmod(idx, width)
+    flat = x.reshape(channels, -1)
+    diag, rhs = np.zeros(k), np.zeros((k, channels))
+    rows, cols, vals = [], [], []
+    for dy, dx, w in ROAD_NEIGHBOUR_WEIGHTS:
+        rr, cc = r + dy, c + dx
+        ok = (rr >= 0) & (rr < height) & (cc >= 0) & (cc < width)
+        diag[ok] += w
+        nb = rr[ok] * width + cc[ok]
+        src = np.arange(k)[ok]
+        unknown = var[nb] >= 0
+        rows.append(src[unknown])
+        cols.append(var[nb[unknown]])
+        vals.append(np.full(int(unknown.sum()), -w))
+        np.add.at(rhs, src[~unknown], w * flat[:, nb[~unknown]].T)
+    a = csc_matrix(
+        (np.concatenate([diag, *vals]), (np.concatenate([np.arange(k), *rows]), np.concatenate([np.arange(k), *cols]))),
+        shape=(k, k),
+    )
+    out = flat.copy()
+    out[:, idx] = spsolve(a, rhs).reshape(k, channels).T
+    return out.reshape(channels, height, width)
+
+
+_PEAK_SNIPPET = """
+import json, sys, torch
+sys.path[:0] = {path!r}
+torch.set_num_threads(1)
+import test_metrics_speed as b
+def rss_mib(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field)) / 1024
+x = torch.rand({n}, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+masks = b._order_masks(b._scores({kind!r}, {n}))
+stack = x.repeat_interleave(20, 0)
+stack64, masks_np = stack.double().numpy(), masks.numpy()
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # reset the peak (VmHWM) to the current resident size
+before = rss_mib("VmRSS:")
+if {ours}:
+    b.noisy_linear_imputation(stack, masks)
+else:
+    for i in range(len(stack64)):
+        b._scipy_imputation(stack64[i], masks_np[i])
+print(json.dumps(rss_mib("VmHWM:") - before))
+"""
+
+
+def _peak_mib(kind: str, n: int, ours: bool) -> float | str:
+    """Peak resident-memory growth (MiB) of one run in a fresh process (Linux only)."""
+    code = _PEAK_SNIPPET.format(path=[str(Path(__file__).parent)], n=n, kind=kind, ours=ours)
+    try:
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300)
+        return round(json.loads(out.stdout.strip().splitlines()[-1]), 1)
+    except (OSError, subprocess.SubprocessError, ValueError, StopIteration) as err:
+        return f"n/a ({type(err).__name__})"
+
+
+@pytest.mark.parametrize("kind", ["scattered", "clustered"])
+def test_imputation_224_rgb_vs_scipy(benchmark, record, kind):
+    n = 2  # images; each at the 20 ROAD levels: 40 (3, 224, 224) imputations
+    x = torch.rand(n, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    masks = _order_masks(_scores(kind, n))
+    stack = x.repeat_interleave(len(ROAD_PERCENTAGES), 0)
+    ours = _timed(benchmark, lambda: noisy_linear_imputation(stack, masks), rounds=2)
+    stack64 = stack.double().numpy()
+    masks_np = masks.numpy()
+
+    def reference():
+        for i in range(len(stack64)):
+            _scipy_imputation(stack64[i], masks_np[i])
+
+    ref = _best(reference, rounds=1)
+    check = noisy_linear_imputation(stack[:20], masks[:20], noise=0.0)
+    err = max(
+        float(np.abs(check[i].double().numpy() - _scipy_imputation(stack64[i], masks_np[i])).max()) for i in (0, 10, 19)
+    )
+    record(
+        benchmark, f"224x224 RGB imputation, 20 levels ({kind})", ours, ref, 10.0,
+        images=n, max_abs_err_vs_scipy=f"{err:.1e}",
+        peak_rss_mib_ours=_peak_mib(kind, n, True), peak_rss_mib_scipy=_peak_mib(kind, n, False),
+    )  # fmt: skip
