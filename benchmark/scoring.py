@@ -9,7 +9,6 @@ score is a pure function of (weights, image set, config) on a given device.
 
 from __future__ import annotations
 
-import functools
 import math
 import platform
 import time
@@ -43,6 +42,8 @@ class ScoreConfig:
     batch_size: int = 250
     seed: int = 0
     ig_steps: int = P.IG_STEPS
+    # IG forward passes hold ig_internal_batch_size scaled images (None: the scoring batch, i.e. one
+    # integration step per pass; measured ~2x faster on CPU than all 50 steps at once)
     ig_internal_batch_size: int | None = None
     sigmas: tuple[float, ...] = P.SSIM_SIGMAS
     ros_samples: int = P.ROS_SAMPLES
@@ -61,8 +62,13 @@ def explainer_for(method: str, cfg: ScoreConfig):
     if method == "VG":
         return metrics.vanilla_gradient
     if method == "IG":
-        return functools.partial(metrics.integrated_gradients, n_steps=cfg.ig_steps,
-                                 internal_batch_size=cfg.ig_internal_batch_size)
+        internal = cfg.ig_internal_batch_size or cfg.batch_size
+
+        def ig(model, x, y):
+            return metrics.integrated_gradients(model, x, y, n_steps=cfg.ig_steps,
+                                                internal_batch_size=max(internal, len(x)))
+
+        return ig
     raise ValueError(f"unknown attribution method {method!r}; expected one of {METHODS}")
 
 
