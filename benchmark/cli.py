@@ -96,7 +96,8 @@ def cmd_figures(args) -> int:
     from model_zoo import zoo
 
     paths = [ssim_figure(args.dataset), road_figure(args.dataset)]
-    models = {c["variant"]: zoo.load(c["id"]) for c in zoo_cards(args.dataset) if c["variant"] in ("N", "A", "G")}
+    by_variant = {c["variant"]: c["id"] for c in zoo_cards(args.dataset)}
+    models = {v: zoo.load(by_variant[v]) for v in ("N", "A", "G") if v in by_variant}
     if models:
         paths.append(saliency_grid(models, load_imageset(args.dataset)))
     for p in paths:
