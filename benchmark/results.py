@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 
 from metrics.protocol import PROTOCOL_VERSION
-from model_zoo.zoo import atomic_write_json
+from model_zoo.zoo import atomic_write_bytes
 
 DEFAULT_LEADERBOARDS_DIR = Path(__file__).resolve().parent.parent / "leaderboards"
 
@@ -49,7 +49,8 @@ def save_result(result: dict, card: dict, root: Path | None = None) -> Path:
     doc = {"model": {k: card.get(k) for k in MODEL_FIELDS},
            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), **result}
     p = result_path(result["dataset"], card["sha256"], result["protocol"], root)
-    atomic_write_json(p, doc)
+    # compact: per-image lists make an indented file ~3x larger
+    atomic_write_bytes(p, (json.dumps(doc, separators=(",", ":")) + "\n").encode())
     return p
 
 

@@ -13,7 +13,7 @@ import math
 import platform
 import time
 import zlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
@@ -32,6 +32,9 @@ ROBUST_EVAL = {  # PROTOCOL §3 "Accuracy"
     "imagenette": dict(eps=1 / 255, alpha=2 / 255, steps=20),
 }
 ROBUST_EVAL_IMAGES = 1000
+# images per scoring batch: large for the small inputs, small enough at 224x224 that one IG pass
+# over a batch (the largest tensor) stays well inside a few GB of memory on CPU
+DEFAULT_BATCH_SIZE = {"fmnist": 250, "cifar10": 250, "imagenette": 16}
 
 
 @dataclass(frozen=True)
@@ -39,7 +42,7 @@ class ScoreConfig:
     """Everything a score depends on besides the weights and the image set (stored with it)."""
 
     methods: tuple[str, ...] = METHODS
-    batch_size: int = 250
+    batch_size: int | None = None  # None: DEFAULT_BATCH_SIZE of the dataset (streams the set)
     seed: int = 0
     ig_steps: int = P.IG_STEPS
     # IG forward passes hold ig_internal_batch_size scaled images (None: the scoring batch, i.e. one
@@ -111,6 +114,8 @@ def score(
     nan-mean ROS (+ NaN fraction); ROAD curve = accuracy per level, AOPC.
     """
     cfg = config
+    if cfg.batch_size is None:
+        cfg = replace(cfg, batch_size=DEFAULT_BATCH_SIZE.get(imageset.dataset, 64))
     device = torch.device(cfg.device)
     model = model.to(device).eval()
     for p in model.parameters():
