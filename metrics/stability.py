@@ -12,7 +12,6 @@ import math
 from typing import Literal, NamedTuple, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metrics._validation import (

@@ -1,11 +1,9 @@
-import json
 import math
 
 import pandas as pd
 import pytest
 
 from benchmark import harness
-from benchmark import results as R
 from benchmark.leaderboard import leaderboard_tables
 from benchmark.scoring import score
 from model_zoo import zoo
