@@ -213,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except (ValueError, KeyError, FileNotFoundError) as e:
-        print(f"salbench: error: {e}", file=sys.stderr)
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"salbench: error: {msg}", file=sys.stderr)
         return EXIT_BAD_INPUT
 
 
