@@ -135,3 +135,11 @@ def test_concurrent_submissions_lose_no_row(board, fmnist_small, tmp_path):
         assert p.returncode == 0, err
     df = pd.read_csv(board["lb"] / "fmnist.csv")
     assert {"fmnist-sub-concurrent-0", "fmnist-sub-concurrent-1"} <= set(df["id"])
+
+
+def test_run_only_unknown_id_is_rejected_and_nothing_changes(board, capsys):
+    before = _tree_digest(board["lb"])
+    rc = main(["run", "--dataset", "fmnist", "--only", f"{board['refs']['G']},fmnist-lenet-X-nope", "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "fmnist-lenet-X-nope" in err and board["refs"]["N"] in err and len(err.splitlines()) == 1
+    assert _tree_digest(board["lb"]) == before
