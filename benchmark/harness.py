@@ -37,7 +37,8 @@ def score_zoo(dataset: str, *, rescore: bool = False, config: ScoreConfig = Scor
     for card in zoo_cards(dataset, cards_dir):
         if only and card["id"] not in only:
             continue
-        res = None if rescore else R.load_result(dataset, card["sha256"], root=results_root)
+        res = None if rescore else R.load_result(dataset, card["sha256"], root=results_root,
+                                                 images_sha256=imageset.images_sha256)
         if res is None:
             if progress:
                 print(f"scoring {card['id']} ...", flush=True)
@@ -48,13 +49,14 @@ def score_zoo(dataset: str, *, rescore: bool = False, config: ScoreConfig = Scor
             if progress:
                 print(f"  done in {res['timings']['total']:.1f} s", flush=True)
         out.append(res)
-    regenerate(dataset, results_root=results_root, out_dir=out_dir)
+    regenerate(dataset, results_root=results_root, out_dir=out_dir, images_sha256=imageset.images_sha256)
     return out
 
 
-def regenerate(dataset: str, *, results_root: Path | None = None, out_dir: Path | None = None) -> dict[str, Path]:
+def regenerate(dataset: str, *, results_root: Path | None = None, out_dir: Path | None = None,
+               images_sha256: str | None = None) -> dict[str, Path]:
     with _lock(dataset, out_dir):
-        return write_leaderboard(dataset, results_root=results_root, out_dir=out_dir)
+        return write_leaderboard(dataset, results_root=results_root, out_dir=out_dir, images_sha256=images_sha256)
 
 
 def submit(path: str | Path, *, arch: str, dataset: str, name: str, notes: str = "", smoothing: str | None = None,
@@ -69,7 +71,8 @@ def submit(path: str | Path, *, arch: str, dataset: str, name: str, notes: str =
                                                 submissions_dir=submissions_dir)
     test_split = test_split or load_split(dataset, "test")
     imageset = imageset or load_imageset(dataset, test_split=test_split)
-    res = None if rescore else R.load_result(dataset, card["sha256"], root=results_root)
+    res = None if rescore else R.load_result(dataset, card["sha256"], root=results_root,
+                                             images_sha256=imageset.images_sha256)
     if res is None:
         res = score(model, imageset, config, test_split=test_split, progress=progress)
     card["natural_accuracy"] = res["accuracy"].get("natural")
@@ -78,5 +81,5 @@ def submit(path: str | Path, *, arch: str, dataset: str, name: str, notes: str =
     with _lock(dataset, out_dir):
         S.store_submission(card, payload, submissions_dir)
         R.save_result(res, card, root=results_root)
-        write_leaderboard(dataset, results_root=results_root, out_dir=out_dir)
+        write_leaderboard(dataset, results_root=results_root, out_dir=out_dir, images_sha256=imageset.images_sha256)
     return card, res

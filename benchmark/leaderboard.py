@@ -50,10 +50,12 @@ def leaderboard_tables(results: list[dict]) -> dict[str, pd.DataFrame]:
     return {"main": pd.DataFrame(rows), "ssim": pd.DataFrame(ssim_rows), "road": pd.DataFrame(road_rows)}
 
 
-def write_leaderboard(dataset: str, *, results_root: Path | None = None, out_dir: Path | None = None) -> dict[str, Path]:
-    """Regenerate the three CSVs of ``dataset`` from the result store, atomically."""
+def write_leaderboard(dataset: str, *, results_root: Path | None = None, out_dir: Path | None = None,
+                      images_sha256: str | None = None) -> dict[str, Path]:
+    """Regenerate the three CSVs of ``dataset`` from the result store, atomically. With
+    ``images_sha256`` (the current image set), results scored on another set are left out."""
     out = out_dir or leaderboards_dir()
-    tables = leaderboard_tables(list_results(dataset, root=results_root))
+    tables = leaderboard_tables(list_results(dataset, root=results_root, images_sha256=images_sha256))
     names = {"main": f"{dataset}.csv", "ssim": f"{dataset}_ssim.csv", "road": f"{dataset}_road.csv"}
     paths = {}
     for key, df in tables.items():

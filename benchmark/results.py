@@ -35,14 +35,21 @@ def result_path(dataset: str, sha256: str, protocol: str = PROTOCOL_VERSION, roo
     return (root or results_dir()) / dataset / f"{sha256[:16]}-{protocol}.json"
 
 
-def load_result(dataset: str, sha256: str, protocol: str = PROTOCOL_VERSION, root: Path | None = None) -> dict | None:
+def _on_set(doc: dict, images_sha256: str | None) -> bool:
+    return images_sha256 is None or doc.get("imageset", {}).get("images_sha256") == images_sha256
+
+
+def load_result(dataset: str, sha256: str, protocol: str = PROTOCOL_VERSION, root: Path | None = None,
+                images_sha256: str | None = None) -> dict | None:
+    """The stored result of a checkpoint, or None. With ``images_sha256``, a result scored on another
+    image set (e.g. before the set was rebuilt) counts as absent, so it is scored again."""
     p = result_path(dataset, sha256, protocol, root)
     if not p.is_file():
         return None
     doc = json.loads(p.read_text())
     if doc.get("model", {}).get("sha256") != sha256 or doc.get("protocol") != protocol:
         return None  # a stale or foreign file: treat as absent
-    return doc
+    return doc if _on_set(doc, images_sha256) else None
 
 
 def save_result(result: dict, card: dict, root: Path | None = None) -> Path:
@@ -54,9 +61,13 @@ def save_result(result: dict, card: dict, root: Path | None = None) -> Path:
     return p
 
 
-def list_results(dataset: str, protocol: str = PROTOCOL_VERSION, root: Path | None = None) -> list[dict]:
+def list_results(dataset: str, protocol: str = PROTOCOL_VERSION, root: Path | None = None,
+                 images_sha256: str | None = None) -> list[dict]:
+    """Every stored result of ``dataset`` (only those scored on ``images_sha256`` when given)."""
     d = (root or results_dir()) / dataset
     out = []
     for p in sorted(d.glob(f"*-{protocol}.json")):
-        out.append(json.loads(p.read_text()))
+        doc = json.loads(p.read_text())
+        if _on_set(doc, images_sha256):
+            out.append(doc)
     return out

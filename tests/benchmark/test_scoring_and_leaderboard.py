@@ -87,3 +87,33 @@ def test_leaderboard_written_atomically(env, monkeypatch):
         harness.regenerate("fmnist")
     assert (env["lb"] / "fmnist.csv").read_bytes() == before
     assert not list(env["lb"].glob(".*.tmp"))
+
+
+def test_result_from_another_image_set_is_rescored_and_left_off(env):
+    """A cached result scored on a different image set (e.g. before the set was rebuilt) is never
+    re-used or listed: the model is scored again on the current set."""
+    import json
+
+    from benchmark import results as R
+
+    current = env["imageset"].images_sha256
+    harness.score_zoo("fmnist", config=FAST, progress=False, imageset=env["imageset"], test_split=env["test"],
+                      only=[env["refs"]["G"]])
+    (path,) = (env["lb"] / "results" / "fmnist").glob("*.json")
+
+    def tamper():
+        doc = json.loads(path.read_text())
+        doc["imageset"]["images_sha256"] = "0" * 64  # pretend it was scored on another set
+        doc["summary"]["VG"]["gini"] = -1.0
+        path.write_text(json.dumps(doc))
+
+    tamper()
+    assert len(R.list_results("fmnist")) == 1 and R.list_results("fmnist", images_sha256=current) == []
+    out = harness.score_zoo("fmnist", config=FAST, progress=False, imageset=env["imageset"], test_split=env["test"],
+                            only=[env["refs"]["G"]])
+    assert out[0]["imageset"]["images_sha256"] == current and out[0]["summary"]["VG"]["gini"] >= 0
+    df = pd.read_csv(env["lb"] / "fmnist.csv")
+    assert len(df) == 2 and (df["gini"] >= 0).all()
+    tamper()
+    harness.regenerate("fmnist", images_sha256=current)
+    assert "-1" not in (env["lb"] / "fmnist.csv").read_text()
