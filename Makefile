@@ -12,7 +12,7 @@ PYTEST := $(BIN)/python -m pytest
 
 .PHONY: setup data run test test-slow bench clean help
 help:
-	@echo "make run        score the FMNIST zoo, write leaderboards/ and figures (main job)"
+	@echo "make run        score the FMNIST (and CIFAR-10) zoo, write leaderboards/ and figures (main job)"
 	@echo "make test       default test suite (< 15 min on 2 cores)"
 	@echo "make test-slow  slow end-to-end tests (training, full scoring)"
 	@echo "make bench      pytest-benchmark speed suite (ratios vs quantus/skimage/scipy)"
@@ -33,8 +33,12 @@ data: $(STAMP)
 	  fi; \
 	  $(BIN)/python -c "from model_zoo.data import load_split; s = load_split('fmnist', 'train'); t = load_split('fmnist', 'test'); print('FMNIST from', t.source)"; }
 
+# FMNIST always; CIFAR-10 too where its files are (SALBENCH_CIFAR10_DIR). Committed results are re-used.
 run: setup
 	$(BIN)/salbench run --dataset fmnist
+	@if [ -n "$$SALBENCH_CIFAR10_DIR" ] && [ -f benchmark/imagesets/cifar10.json ]; then \
+	  $(BIN)/salbench run --dataset cifar10; \
+	else echo "CIFAR-10: skipped (set SALBENCH_CIFAR10_DIR to the folder with test_batch.bin)"; fi
 
 test: setup
 	$(PYTEST)

@@ -1,0 +1,63 @@
+"""The committed artefacts agree with each other and with the data.
+
+- Every committed image set (``benchmark/imagesets/*.json``) verifies against the dataset files
+  and the zoo (image-bytes sha256, reference checkpoints), and its reference N/A/G models
+  classify every image in it correctly (PROTOCOL §4). Skips where the dataset is absent.
+- Every committed leaderboard CSV is exactly what the stored results scored on the committed
+  set regenerate, and every zoo model of that dataset has such a result.
+"""
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from benchmark.harness import zoo_cards
+from benchmark.imagesets import IMAGESETS_DIR, load_imageset
+from benchmark.leaderboard import leaderboard_tables
+from benchmark.results import DEFAULT_LEADERBOARDS_DIR, list_results
+from model_zoo import zoo
+from model_zoo.attacks import natural_accuracy
+from model_zoo.data import DatasetNotFoundError, load_split
+
+SETS = sorted(IMAGESETS_DIR.glob("*.json"))
+BOARDS = sorted(p for p in DEFAULT_LEADERBOARDS_DIR.glob("*.csv") if "_" not in p.stem)
+
+
+@pytest.fixture(autouse=True)
+def committed_dirs(monkeypatch):
+    """Read the repository's own zoo, image sets and leaderboards whatever the environment says."""
+    for var in ("SALBENCH_ZOO_DIR", "SALBENCH_IMAGESETS_DIR", "SALBENCH_LEADERBOARDS_DIR"):
+        monkeypatch.delenv(var, raising=False)
+
+
+@pytest.mark.parametrize("path", SETS, ids=[p.stem for p in SETS])
+def test_committed_imageset_verifies_and_is_commonly_correct(path: Path):
+    dataset = json.loads(path.read_text())["dataset"]
+    try:
+        test = load_split(dataset, "test", download=False)
+    except DatasetNotFoundError as e:
+        pytest.skip(f"{dataset} test split not available here ({str(e).splitlines()[0]})")
+    s = load_imageset(dataset, test_split=test)  # raises on changed bytes or reference checkpoints
+    assert len(s) == 1000 and s.indices.unique().numel() == 1000
+    assert (test.labels[s.indices] == s.labels).all()
+    x = s.images.float() / 255
+    for variant, ref in s.reference_models.items():
+        acc = natural_accuracy(zoo.load(ref["id"]), x, s.labels)
+        assert acc == 1.0, f"reference {variant} ({ref['id']}) gets {acc:.4f} on the {dataset} set"
+
+
+@pytest.mark.parametrize("path", BOARDS, ids=[p.stem for p in BOARDS])
+def test_committed_leaderboard_is_regenerated_from_results(path: Path):
+    dataset = path.stem
+    set_sha = json.loads((IMAGESETS_DIR / f"{dataset}.json").read_text())["images_sha256"]
+    results = list_results(dataset, images_sha256=set_sha)
+    expected = leaderboard_tables(results)["main"]
+    df = pd.read_csv(path)
+    assert list(df["id"]) == list(expected["id"]) and list(df["method"]) == list(expected["method"])
+    for col in ("gini", "ssim_mean", "log10_ros", "aopc", "acc_on_set"):
+        assert df[col].to_numpy() == pytest.approx(expected[col].to_numpy(), rel=1e-5, nan_ok=True), col
+    scored = {r["model"]["sha256"] for r in results}
+    missing = [c["id"] for c in zoo_cards(dataset) if c["sha256"] not in scored]
+    assert not missing, f"zoo models without a result on the committed {dataset} set: {missing}"
