@@ -136,7 +136,16 @@ def score(
                "road": torch.zeros(n, len(cfg.road_percentages), dtype=torch.bool)} for m in cfg.methods}
     explainers = {m: explainer_for(m, cfg) for m in cfg.methods}
     nb = math.ceil(n / cfg.batch_size)
-    bar = tqdm(total=nb * len(cfg.methods), desc=f"scoring {imageset.dataset}", disable=not progress, leave=False)
+    # one tick per (batch, method, stage): an IG stage at CIFAR/ImageNette size takes minutes on a CPU
+    stages = ("attribution", "ssim", "ros", "road")
+    bar = tqdm(total=nb * len(cfg.methods) * len(stages), desc=f"scoring {imageset.dataset}", disable=not progress,
+               leave=False, unit="stage")
+
+    def step(m: str, stage: str) -> None:
+        bar.update(1)
+        nxt = stages[(stages.index(stage) + 1) % len(stages)]
+        bar.set_postfix_str(f"batch {start // cfg.batch_size + 1}/{nb} {m} {nxt}", refresh=False)
+
     for start, x, y in imageset.batches(cfg.batch_size):
         x, y = x.to(device), y.to(device)
         sl = slice(start, start + len(y))
@@ -150,6 +159,7 @@ def score(
             t0 = time.perf_counter()
             maps = ex(model, x, y)
             tick(f"{m}/attribution", t0)
+            step(m, "attribution")
             t0 = time.perf_counter()
             per[m]["gini"][sl] = metrics.gini_index(maps).double().cpu()
             tick(f"{m}/gini", t0)
@@ -159,17 +169,19 @@ def score(
             per[m]["ssim"][:, sl] = s.scores.double().cpu()
             per[m]["ssim_kept"][:, sl] = s.kept.cpu()
             tick(f"{m}/ssim", t0)
+            step(m, "ssim")
             t0 = time.perf_counter()
             per[m]["ros"][sl] = metrics.relative_output_stability(
                 model, x, y, ex, n_samples=cfg.ros_samples, variant=cfg.ros_variant,
                 generator=_gen(cfg, device, m, "ros", start), maps=maps, logits=logits).double().cpu()
             tick(f"{m}/ros", t0)
+            step(m, "ros")
             t0 = time.perf_counter()
             per[m]["road"][sl] = metrics.road_curve(model, x, y, maps, percentages=cfg.road_percentages,
                                                     noise=cfg.road_noise,
                                                     generator=_gen(cfg, device, m, "road", start)).cpu()
             tick(f"{m}/road", t0)
-            bar.update(1)
+            step(m, "road")
     bar.close()
     metrics_seconds = time.perf_counter() - t_start
 
