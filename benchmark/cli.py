@@ -82,9 +82,7 @@ def _print_table(dataset: str) -> None:
 
 
 def cmd_leaderboard(args) -> int:
-    from benchmark.harness import score_zoo
-
-    from benchmark.harness import zoo_cards
+    from benchmark.harness import score_zoo, zoo_cards
 
     only = None
     if getattr(args, "only", None):
@@ -150,6 +148,12 @@ def _scoring_args(p) -> None:
     p.add_argument("--quiet", action="store_true")
 
 
+def _only_arg(p) -> None:
+    p.add_argument("--only", action="append", metavar="ID[,ID]",
+                   help="score only these zoo ids (the leaderboard still lists every cached result); "
+                        "separate processes may score different ids at once")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="salbench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -194,9 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     lb = sub.add_parser("leaderboard", help="score zoo models without a cached result and rewrite the CSVs")
     lb.add_argument("--dataset", required=True, choices=DATASETS)
     _scoring_args(lb)
-    lb.add_argument("--only", action="append", metavar="ID[,ID]",
-                   help="score only these zoo ids (the leaderboard still lists every cached result); "
-                        "separate processes may score different ids at once")
+    _only_arg(lb)
     lb.set_defaults(func=cmd_leaderboard)
 
     f = sub.add_parser("figures", help="SSIM-vs-noise and ROAD curves, saliency-map grid (PNG)")
@@ -206,9 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="the main job: leaderboard + figures for a dataset, printing the table")
     r.add_argument("--dataset", default="fmnist", choices=DATASETS)
     _scoring_args(r)
-    r.add_argument("--only", action="append", metavar="ID[,ID]",
-                   help="score only these zoo ids (the leaderboard still lists every cached result); "
-                        "separate processes may score different ids at once")
+    _only_arg(r)
     r.set_defaults(func=cmd_run)
 
     z = sub.add_parser("zoo", help="inspect the model zoo")

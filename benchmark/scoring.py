@@ -142,9 +142,8 @@ def score(
                leave=False, unit="stage")
 
     def step(m: str, stage: str) -> None:
+        bar.set_postfix_str(f"batch {start // cfg.batch_size + 1}/{nb} {m} {stage} done", refresh=False)
         bar.update(1)
-        nxt = stages[(stages.index(stage) + 1) % len(stages)]
-        bar.set_postfix_str(f"batch {start // cfg.batch_size + 1}/{nb} {m} {nxt}", refresh=False)
 
     for start, x, y in imageset.batches(cfg.batch_size):
         x, y = x.to(device), y.to(device)
