@@ -30,11 +30,16 @@ def score_zoo(dataset: str, *, rescore: bool = False, config: ScoreConfig = Scor
               results_root: Path | None = None, out_dir: Path | None = None, cards_dir: Path | None = None,
               imageset=None, test_split=None, only: list[str] | None = None) -> list[dict]:
     """Ensure a result for every zoo model of ``dataset`` (score where missing or ``rescore``),
-    then regenerate the leaderboard. Returns the results."""
+    then regenerate the leaderboard. Returns the results. ``only``: these zoo ids, all known
+    (``ValueError`` before anything is loaded or written otherwise)."""
+    cards = zoo_cards(dataset, cards_dir)
+    unknown = [i for i in only or [] if i not in {c["id"] for c in cards}]
+    if unknown:
+        raise ValueError(f"unknown {dataset} zoo id(s) {', '.join(unknown)}; known: {', '.join(c['id'] for c in cards)}")
     test_split = test_split or load_split(dataset, "test")
     imageset = imageset or load_imageset(dataset, test_split=test_split, cards_dir=cards_dir)
     out = []
-    for card in zoo_cards(dataset, cards_dir):
+    for card in cards:
         if only and card["id"] not in only:
             continue
         res = None if rescore else R.load_result(dataset, card["sha256"], root=results_root,
