@@ -24,7 +24,7 @@ def cmd_train(args) -> int:
     from model_zoo.recipes import get_recipe
     from model_zoo.training import train
 
-    recipe = get_recipe(args.dataset, args.preset, args.variant, placement=args.placement)
+    recipe = get_recipe(args.dataset, args.preset, args.variant, placement=args.placement, seed=args.seed)
     train(recipe, work_dir=args.work_dir, out_dir=args.out, resume=not args.no_resume, device=args.device,
           progress=not args.quiet)
     return EXIT_OK
@@ -158,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--variant", required=True, choices=["N", "A", "G", "M1", "M2"])
     t.add_argument("--preset", default="paper", help="recipe preset (see model_zoo/recipes.py)")
     t.add_argument("--placement", type=int, default=None, help="SmoothBlock after stage 1, 2 or 3 (default: recipe)")
+    t.add_argument("--seed", type=int, default=0,
+                   help="training seed (init, data order, augmentation, PGD starts); ids get -s<seed> when > 0")
     t.add_argument("--work-dir", default="runs", help="epoch checkpoints (resumed from)")
     t.add_argument("--out", default=None, help="zoo folder for weights + card (default: the bundled zoo)")
     t.add_argument("--device", default="cpu")

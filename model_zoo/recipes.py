@@ -129,7 +129,7 @@ def list_presets(dataset: str | None = None) -> list[str]:
     return sorted(k for k, p in PRESETS.items() if dataset is None or p.dataset == dataset)
 
 
-def get_recipe(dataset: str, preset: str, variant: str, *, placement: int | None = None) -> Recipe:
+def get_recipe(dataset: str, preset: str, variant: str, *, placement: int | None = None, seed: int = 0) -> Recipe:
     """The recipe of (dataset, preset, variant); G/M1/M2 = A + SmoothBlock (PROTOCOL §5).
 
     >>> get_recipe("fmnist", "paper", "G").smoothing
@@ -140,7 +140,11 @@ def get_recipe(dataset: str, preset: str, variant: str, *, placement: int | None
         raise ValueError(f"unknown preset {preset!r} for {dataset!r}; known: {', '.join(list_presets(dataset))}")
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
+    if not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"the training seed must be an integer >= 0, got {seed!r}")
+    if placement is not None and variant in ("N", "A"):
+        raise ValueError(f"--placement applies to SmoothBlock variants (G, M1, M2), not {variant}")
     p = PRESETS[key]
     base = p.natural if variant == "N" else p.adversarial
     return replace(base, variant=variant, smoothing_filter=VARIANT_FILTER[variant],
-                   smoothing_placement=placement or base.smoothing_placement)
+                   smoothing_placement=placement or base.smoothing_placement, seed=seed)

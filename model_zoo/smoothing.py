@@ -13,6 +13,64 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 FILTERS = ("gaussian", "mean", "median")
+# below this many pixels per map the 1x1 mixing runs as a matmul (measured: benchmarks/test_smoothing_speed.py)
+_MATMUL_MIX_MAX_PIXELS = 256
+
+
+def _sort2(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    return torch.minimum(a, b), torch.maximum(a, b)
+
+
+def _median9(p: list[Tensor]) -> Tensor:
+    """Median of 9 same-shape tensors by the classic 19-exchange selection network (Paeth;
+    Devillard's ``opt_med9``), pruned to the exchanges the median needs."""
+    p = list(p)
+    for i, j in ((1, 2), (4, 5), (7, 8), (0, 1), (3, 4), (6, 7), (1, 2), (4, 5), (7, 8)):
+        p[i], p[j] = _sort2(p[i], p[j])
+    p[3] = torch.maximum(p[0], p[3])
+    p[5] = torch.minimum(p[5], p[8])
+    p[4], p[7] = _sort2(p[4], p[7])
+    p[6] = torch.maximum(p[3], p[6])
+    p[4] = torch.maximum(p[1], p[4])
+    p[2] = torch.minimum(p[2], p[5])
+    p[4] = torch.minimum(p[4], p[7])
+    p[4], p[2] = _sort2(p[4], p[2])
+    p[4] = torch.maximum(p[6], p[4])
+    return torch.minimum(p[4], p[2])
+
+
+class _Median3x3(torch.autograd.Function):
+    """3x3 median of an already padded map: the value from the selection network (no autograd
+    graph), the gradient routed to the first of the 9 neighbours equal to the median (the
+    subgradient ``sort`` gives, up to the choice among exact ties)."""
+
+    @staticmethod
+    def forward(ctx, xp: Tensor) -> Tensor:
+        h, w = xp.shape[-2] - 2, xp.shape[-1] - 2
+        views = [xp[..., i : i + h, j : j + w] for i in range(3) for j in range(3)]
+        med = _median9(views)
+        if ctx.needs_input_grad[0]:
+            which = torch.full(med.shape, 8, dtype=torch.uint8, device=med.device)
+            for k in range(7, -1, -1):
+                which = torch.where(views[k] == med, k, which)
+            ctx.save_for_backward(which)
+            ctx.padded_shape = xp.shape
+        return med
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (which,) = ctx.saved_tensors
+        h, w = which.shape[-2:]
+        gp = grad.new_zeros(ctx.padded_shape)
+        for k in range(9):
+            i, j = divmod(k, 3)
+            gp[..., i : i + h, j : j + w] += torch.where(which == k, grad, 0.0)
+        return gp
+
+
+def _median3x3(x: Tensor) -> Tensor:
+    """Median of each 3x3 neighbourhood with kornia's reflect border."""
+    return _Median3x3.apply(F.pad(x, (1, 1, 1, 1), mode="reflect"))
 
 
 def gaussian_sigma(width: int) -> float:
@@ -49,25 +107,61 @@ class SmoothBlock(nn.Module):
         super().__init__()
         if filter not in FILTERS:
             raise ValueError(f"unknown SmoothBlock filter {filter!r}; expected one of {FILTERS}")
+        if kernel_size != 3 and filter == "median":
+            raise ValueError(f"the median SmoothBlock supports kernel_size 3 only, got {kernel_size}")
         self.filter = filter
         self.kernel_size = kernel_size
         self.sigma = gaussian_sigma(width)
         self.mix = nn.Conv2d(channels, channels, kernel_size=1)
         k = (kernel_size, kernel_size)
         if filter == "gaussian":
+            kernel1d = KF.get_gaussian_kernel1d(kernel_size, self.sigma)[0]
             kernel = KF.get_gaussian_kernel2d(k, torch.tensor([[self.sigma, self.sigma]]))[0]
         else:
+            kernel1d = torch.full((kernel_size,), 1.0 / kernel_size)
             kernel = torch.full(k, 1.0 / (kernel_size * kernel_size))
-        # fixed (not learned, not saved) depthwise kernel, built once by kornia
+        # fixed (not learned, not saved) kernels, built once by kornia: the 2D depthwise kernel
+        # (reference path) and its separable 1D factor (fast path)
         self.register_buffer("kernel", kernel.expand(channels, 1, *k).clone(), persistent=False)
+        self.register_buffer("kernel1d", kernel1d.clone(), persistent=False)
+        self._bands: dict = {}
+
+    def _band(self, n: int, like: Tensor) -> Tensor:
+        """(n, n) matrix B with ``B @ v`` = the 1D filter of v with kornia's reflect border."""
+        key = (n, like.dtype, like.device)
+        band = self._bands.get(key)
+        if band is None:
+            k1 = self.kernel1d.double().cpu()
+            r = self.kernel_size // 2
+            if n <= r:
+                raise ValueError(f"SmoothBlock needs feature maps larger than {r} pixels per side "
+                                 f"(reflect border), got {n}")
+            band = torch.zeros(n, n, dtype=torch.float64)
+            for i in range(n):
+                for j in range(self.kernel_size):
+                    src = i + j - r
+                    src = -src if src < 0 else (2 * (n - 1) - src if src >= n else src)
+                    band[i, src] += k1[j]
+            band = band.to(like.dtype).to(like.device)
+            self._bands[key] = band
+        return band
 
     def smooth(self, x: Tensor) -> Tensor:
         """The fixed filter F(x), per channel.
 
-        Numerically the same as kornia's ``gaussian_blur2d`` / ``box_blur`` (reflect border)
-        and ``median_blur`` (all with kornia's default reflect border) with this kernel size (tested), computed with a
-        precomputed depthwise kernel so the per-call cost is one convolution.
+        Equal to kornia's ``gaussian_blur2d`` / ``box_blur`` / ``median_blur`` (reflect border,
+        kornia's default) to float tolerance (bit for bit for the median; tested). The linear
+        filters are separable, so F(x) = B_h @ x @ B_w^T with banded (H, H), (W, W) matrices
+        that include the reflect border: two small matmuls instead of a padded copy and a
+        depthwise convolution. The median is a 19-comparator min/max selection network over
+        the 9 shifted views (exact: it selects, never computes, a value).
         """
+        if self.filter == "median":
+            return _median3x3(x)
+        return self._band(x.shape[-2], x) @ x @ self._band(x.shape[-1], x).T
+
+    def smooth_reference(self, x: Tensor) -> Tensor:
+        """F(x) computed the direct way (reflect pad + depthwise conv / unfold + sort); for tests."""
         p = self.kernel_size // 2
         xp = F.pad(x, (p, p, p, p), mode="reflect")
         if self.filter == "median":
@@ -76,7 +170,13 @@ class SmoothBlock(nn.Module):
         return F.conv2d(xp, self.kernel.to(x.dtype), groups=x.shape[1])
 
     def forward(self, x: Tensor) -> Tensor:
-        return x + self.mix(self.smooth(x))
+        z = self.smooth(x)
+        b, c, h, w = z.shape
+        if h * w <= _MATMUL_MIX_MAX_PIXELS:
+            # small maps (LeNet 12x12): one batched matmul beats the 1x1 convolution's dispatch
+            mixed = torch.matmul(self.mix.weight[:, :, 0, 0], z.reshape(b, c, h * w)).reshape(b, c, h, w)
+            return x + mixed + self.mix.bias[:, None, None]
+        return x + self.mix(z)
 
     def extra_repr(self) -> str:
         return f"filter={self.filter!r}, kernel_size={self.kernel_size}, sigma={self.sigma:.4f}"

@@ -29,7 +29,22 @@ ROBUST_EVAL_IMAGES = 1000  # PROTOCOL §3: robust accuracy on the first 1000 tes
 
 
 def model_id_for(recipe: Recipe) -> str:
-    return f"{recipe.dataset}-{recipe.arch}-{recipe.variant}-{recipe.preset}"
+    """The zoo id of a recipe: ``<dataset>-<arch>-<variant>-<preset>``, then ``-p<k>`` for a
+    SmoothBlock placement other than the preset's and ``-s<seed>`` for a training seed other
+    than 0 (seed 0 keeps the original ids).
+
+    >>> from model_zoo.recipes import get_recipe
+    >>> model_id_for(get_recipe("fmnist", "paper-10ep", "A", seed=1))
+    'fmnist-lenet-A-paper-10ep-s1'
+    >>> model_id_for(get_recipe("cifar10", "cpu-resnet8", "G", placement=2))
+    'cifar10-resnet8-G-cpu-resnet8-p2'
+    """
+    mid = f"{recipe.dataset}-{recipe.arch}-{recipe.variant}-{recipe.preset}"
+    if recipe.smoothing_filter is not None and recipe.smoothing_placement != 1:
+        mid += f"-p{recipe.smoothing_placement}"
+    if recipe.seed:
+        mid += f"-s{recipe.seed}"
+    return mid
 
 
 class Lookahead(torch.optim.Optimizer):

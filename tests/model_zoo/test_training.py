@@ -108,10 +108,20 @@ def test_no_resume_starts_over(tmp_path, tiny_fmnist, reference):
 
 def test_resume_refuses_another_recipes_checkpoint(tmp_path, tiny_fmnist, reference):
     shutil.copytree(reference[0] / "runs", tmp_path / "runs")
-    for change in (dict(lr=RECIPE.lr * 2), dict(attack_steps=3), dict(seed=1), dict(train_subset=32)):
+    for change in (dict(lr=RECIPE.lr * 2), dict(attack_steps=3), dict(train_subset=32)):
         with pytest.raises(ValueError, match="different recipe"):
             _run(replace(RECIPE, **change), tmp_path, tiny_fmnist, resume=True)
     assert not (tmp_path / "zoo").exists()
+
+
+def test_a_training_seed_is_its_own_zoo_entry():
+    """Seeds > 0 get their own id (and so their own epoch checkpoint and card); seed 0 keeps
+    the original id, so the committed zoo is unchanged."""
+    assert RECIPE.seed == 0 and not MID.endswith("-s0")
+    s1, s2 = model_id_for(replace(RECIPE, seed=1)), model_id_for(replace(RECIPE, seed=2))
+    assert s1 == model_id_for(replace(RECIPE, seed=0)) + "-s1" and s2.endswith("-s2") and s1 != s2
+    with pytest.raises(ValueError, match="seed"):
+        get_recipe("fmnist", "tiny", "A", seed=-1)
 
 
 # A child process trains RECIPE; mid-way through epoch 2 (after epoch 1's checkpoint and one
