@@ -26,19 +26,30 @@ def _label(row) -> str:
     return f"{row['variant']} ({row['id']})" if row["variant"] in COLORS else str(row["id"])
 
 
-def _curves(df: pd.DataFrame, x: str, y: str, title: str, xlabel: str, ylabel: str, path: Path) -> Path:
+def _curves(df: pd.DataFrame, x: str, y: str, title: str, xlabel: str, ylabel: str, path: Path,
+            interval: str = "bars") -> Path:
+    """One panel per method, one curve per model; ``<y>_lo``/``<y>_hi`` columns (95% bootstrap
+    intervals, PROTOCOL §7) drawn as error bars or as a shaded band."""
     methods = list(dict.fromkeys(df["method"]))
     fig, axes = plt.subplots(1, len(methods), figsize=(5.5 * len(methods), 4), squeeze=False, sharey=True)
     for ax, method in zip(axes[0], methods):
         sub = df[df["method"] == method]
         for mid, g in sub.groupby("id", sort=False):
             v = g["variant"].iloc[0]
-            ax.plot(g[x], g[y], marker="o", ms=3, label=_label(g.iloc[0]), color=COLORS.get(v))
+            line, = ax.plot(g[x], g[y], marker="o", ms=3, label=_label(g.iloc[0]), color=COLORS.get(v))
+            if f"{y}_lo" in g.columns:
+                lo, hi = g[f"{y}_lo"].to_numpy(), g[f"{y}_hi"].to_numpy()
+                if interval == "band":
+                    ax.fill_between(g[x], lo, hi, color=line.get_color(), alpha=0.2, linewidth=0)
+                else:
+                    ax.errorbar(g[x], g[y], yerr=[g[y] - lo, hi - g[y]], fmt="none", ecolor=line.get_color(),
+                                capsize=2, lw=0.8)
         ax.set_title(f"{method}: {title}")
         ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel(ylabel)
-    axes[0][-1].legend(fontsize=7, loc="best")
+    axes[0][-1].legend(fontsize=7, loc="best", title="bars/bands: 95% bootstrap CI over images",
+                       title_fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -55,7 +66,8 @@ def ssim_figure(dataset: str, out_dir: Path | None = None, lb_dir: Path | None =
 def road_figure(dataset: str, out_dir: Path | None = None, lb_dir: Path | None = None) -> Path:
     df = pd.read_csv((lb_dir or leaderboards_dir()) / f"{dataset}_road.csv")
     return _curves(df, "percent_removed", "accuracy", "ROAD, most relevant first (lower = more faithful)",
-                   "% pixels removed (MoRF)", "accuracy", (out_dir or fig_dir()) / f"{dataset}_road.png")
+                   "% pixels removed (MoRF)", "accuracy", (out_dir or fig_dir()) / f"{dataset}_road.png",
+                   interval="band")
 
 
 def saliency_grid(models: dict[str, torch.nn.Module], imageset, *, n_images: int = 8, out_dir: Path | None = None,

@@ -1,77 +1,297 @@
-"""Leaderboards: a pure function from results to DataFrames, written as CSV atomically.
+"""Leaderboards: a pure function from stored results to tables, written atomically.
 
-- ``<dataset>.csv``: one row per model x method (wide).
-- ``<dataset>_ssim.csv``: SSIM and kept fraction per σ (long).
-- ``<dataset>_road.csv``: ROAD accuracy per removal level (long).
+- ``<dataset>.csv``: one row per model x method (wide), every aggregate with its 95% bootstrap
+  interval (``<metric>_lo``, ``<metric>_hi``; PROTOCOL §7).
+- ``<dataset>_ssim.csv``: SSIM, its interval and the kept fraction per σ (long).
+- ``<dataset>_road.csv``: ROAD accuracy and its interval per removal level (long).
+- ``<dataset>_comparisons.csv``: paired model-vs-reference tests with verdicts.
+- ``<dataset>_variants.csv``: every zoo recipe summarised across its training seeds.
+- ``<dataset>_pattern.md``: the paper's claims, decided from the files above.
 """
 
 from __future__ import annotations
 
 import io
+import math
+import re
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
+from benchmark import claims as C
+from benchmark import stats as S
 from benchmark.results import leaderboards_dir, list_results
 from model_zoo.zoo import atomic_write_bytes
 
 VARIANT_ORDER = {"N": 0, "A": 1, "G": 2, "M1": 3, "M2": 4}
+_SEED = re.compile(r"-s(\d+)$")
+
+
+def seed_of(model: dict) -> int:
+    """Training seed of a zoo entry: its card's recipe seed, else the id's ``-s<k>`` suffix.
+
+    >>> seed_of({"id": "fmnist-lenet-A-paper-10ep-s2"}), seed_of({"id": "fmnist-lenet-A-paper-10ep"})
+    (2, 0)
+    """
+    m = _SEED.search(model.get("id") or "")
+    return int(m.group(1)) if m else 0
+
+
+def recipe_of(model: dict) -> str:
+    """The id without its seed suffix: one zoo recipe across seeds."""
+    return _SEED.sub("", model.get("id") or "")
+
+
+def arm_of(model: dict) -> str:
+    """The variant with a non-default SmoothBlock placement: ``G``, ``G@p2``, ``M1``...
+
+    >>> arm_of({"variant": "G", "smoothing": {"filter": "gaussian", "placement": 2}})
+    'G@p2'
+    """
+    v = model.get("variant") or "?"
+    place = (model.get("smoothing") or {}).get("placement", 1)
+    return v if place in (1, None) else f"{v}@p{place}"
 
 
 def _row_key(r: dict):
     m = r["model"]
-    return (m.get("source") != "zoo", VARIANT_ORDER.get(m.get("variant"), 9), m.get("id") or "")
+    return (m.get("source") != "zoo", m.get("preset") or "", VARIANT_ORDER.get(m.get("variant"), 9),
+            arm_of(m), seed_of(m), m.get("id") or "")
 
 
-def leaderboard_tables(results: list[dict]) -> dict[str, pd.DataFrame]:
-    """Results -> ``{"main": wide, "ssim": long, "road": long}`` DataFrames (no I/O)."""
+def _cis(results: list[dict]) -> dict[tuple[str, str], dict]:
+    out = {}
+    for r in results:
+        for method in r["summary"]:
+            pi = S.PerImage.from_result(r, method)
+            out[(r["model"]["id"], method)] = S.aggregate_ci(pi, S.aggregate_names(pi, curve=True))
+    return out
+
+
+def leaderboard_tables(results: list[dict], *, stats: bool = True) -> dict[str, pd.DataFrame]:
+    """Results -> ``{"main", "ssim", "road"}`` DataFrames (no I/O). With ``stats``, every
+    aggregate carries its bootstrap interval (``_lo``/``_hi`` columns)."""
     rows, ssim_rows, road_rows = [], [], []
-    for r in sorted(results, key=_row_key):
+    results = sorted(results, key=_row_key)
+    cis = _cis(results) if stats else {}
+    for r in results:
         m, acc = r["model"], r["accuracy"]
         for method, s in r["summary"].items():
+            ci = cis.get((m["id"], method), {})
+
+            def put(row, col, value, key=None):
+                row[col] = value
+                if stats:
+                    _, lo, hi = ci[key or col]
+                    row[f"{col}_lo"], row[f"{col}_hi"] = lo, hi
+
             row = {
                 "id": m["id"], "method": method, "variant": m.get("variant"), "preset": m.get("preset"),
+                "seed": seed_of(m) if m.get("source") == "zoo" else None,
                 "arch": m.get("arch"), "source": m.get("source"),
                 "natural_acc": acc.get("natural", m.get("natural_accuracy")),
                 "robust_acc": acc.get("robust", m.get("robust_accuracy")),
-                "acc_on_set": acc["on_set"], "gini": s["gini"], "ssim_mean": s["ssim_mean"],
             }
+            put(row, "acc_on_set", acc["on_set"])
+            put(row, "gini", s["gini"])
+            put(row, "ssim_mean", s["ssim_mean"])
             for sigma, v in s["ssim"].items():
-                row[f"ssim@{sigma}"] = v
-            row.update({"log10_ros": s["log10_ros"], "ros_nan_fraction": s["ros_nan_fraction"], "aopc": s["aopc"],
-                        "n_images": r["imageset"]["n"], "protocol": r["protocol"], "sha256": m["sha256"]})
+                put(row, f"ssim@{sigma}", v)
+            put(row, "log10_ros", s["log10_ros"])
+            put(row, "ros_nan_fraction", s["ros_nan_fraction"])
+            put(row, "aopc", s["aopc"])
+            row.update({"n_images": r["imageset"]["n"], "protocol": r["protocol"], "sha256": m["sha256"]})
             rows.append(row)
             for sigma, v in s["ssim"].items():
-                ssim_rows.append({"id": m["id"], "variant": m.get("variant"), "method": method, "sigma": float(sigma),
-                                  "ssim": v, "kept_fraction": s["ssim_kept_fraction"][sigma]})
+                sr = {"id": m["id"], "variant": m.get("variant"), "method": method, "sigma": float(sigma), "ssim": v}
+                if stats:
+                    sr["ssim_lo"], sr["ssim_hi"] = ci[f"ssim@{sigma}"][1:]
+                sr["kept_fraction"] = s["ssim_kept_fraction"][sigma]
+                ssim_rows.append(sr)
             for p, v in s["road_curve"].items():
-                road_rows.append({"id": m["id"], "variant": m.get("variant"), "method": method,
-                                  "percent_removed": int(p), "accuracy": v})
+                rr = {"id": m["id"], "variant": m.get("variant"), "method": method, "percent_removed": int(p),
+                      "accuracy": v}
+                if stats:
+                    rr["accuracy_lo"], rr["accuracy_hi"] = ci[f"road@{p}"][1:]
+                road_rows.append(rr)
     return {"main": pd.DataFrame(rows), "ssim": pd.DataFrame(ssim_rows), "road": pd.DataFrame(road_rows)}
 
 
+def comparison_pairs(results: list[dict], reference_ids: dict[str, str] | None = None,
+                     extra: tuple[tuple[str, str], ...] = ()) -> list[tuple[dict, dict]]:
+    """(model, reference) result pairs (PROTOCOL §7): within each zoo (preset, seed), A vs N
+    and every SmoothBlock arm (G, M1, M2, G@p2...) vs A, plus the ``extra`` (arm, reference
+    arm) pairs (those the dataset's claims need); each submission vs the dataset's reference
+    A and G (``reference_ids``: variant -> zoo id)."""
+    zoo = [r for r in results if r["model"].get("source") == "zoo"]
+    groups: dict[tuple, dict[str, dict]] = {}
+    for r in sorted(zoo, key=_row_key):
+        m = r["model"]
+        groups.setdefault((m.get("preset"), seed_of(m)), {})[arm_of(m)] = r
+    pairs = []
+    for arms in groups.values():
+        if "A" in arms and "N" in arms:
+            pairs.append((arms["A"], arms["N"]))
+        if "A" in arms:
+            pairs += [(r, arms["A"]) for arm, r in arms.items() if arm not in ("N", "A")]
+        pairs += [(arms[a], arms[b]) for a, b in extra if a in arms and b in arms and b != "A" and (a, b) != ("A", "N")]
+    by_id = {r["model"]["id"]: r for r in zoo}
+    refs = [by_id[i] for v, i in (reference_ids or {}).items() if v in ("A", "G") and i in by_id]
+    for r in sorted(results, key=_row_key):
+        if r["model"].get("source") != "zoo":
+            pairs += [(r, ref) for ref in refs]
+    return pairs
+
+
+def comparisons_table(results: list[dict], reference_ids: dict[str, str] | None = None,
+                      extra: tuple[tuple[str, str], ...] = ()) -> pd.DataFrame:
+    rows = []
+    for model, ref in comparison_pairs(results, reference_ids, extra):
+        for method in model["summary"]:
+            if method not in ref["summary"]:
+                continue
+            for c in S.compare(S.PerImage.from_result(model, method), S.PerImage.from_result(ref, method)):
+                rows.append({"model": model["model"]["id"], "reference": ref["model"]["id"], "method": method, **c})
+    cols = ["model", "reference", "method", "metric", "n_paired", "delta", "delta_lo", "delta_hi", "p", "p_holm",
+            "verdict"]
+    return pd.DataFrame(rows, columns=cols)
+
+
+_SPREAD_METRICS = ("natural_acc", "robust_acc", "acc_on_set", "gini", "ssim_mean", "log10_ros", "ros_nan_fraction",
+                   "aopc")
+
+
+def variants_table(main: pd.DataFrame) -> pd.DataFrame:
+    """Each zoo recipe (id without seed suffix) x method x metric across its training seeds."""
+    rows = []
+    zoo = main[main["source"] == "zoo"]
+    if zoo.empty:
+        return pd.DataFrame(columns=["recipe", "variant", "preset", "method", "metric", "n_seeds", "seeds", "mean",
+                                     "std", "min", "max"])
+    zoo = zoo.assign(recipe=[recipe_of({"id": i}) for i in zoo["id"]])
+    for (recipe, method), g in zoo.groupby(["recipe", "method"], sort=False):
+        for metric in _SPREAD_METRICS:
+            v = g[metric].astype(float).to_numpy()
+            rows.append({"recipe": recipe, "variant": g["variant"].iloc[0], "preset": g["preset"].iloc[0],
+                         "method": method, "metric": metric, "n_seeds": len(v),
+                         "seeds": " ".join(str(int(s)) for s in g["seed"]), "mean": float(np.mean(v)),
+                         "std": float(np.std(v, ddof=1)) if len(v) > 1 else float("nan"),
+                         "min": float(np.min(v)), "max": float(np.max(v))})
+    return pd.DataFrame(rows)
+
+
+def _fmt_ci(d, lo, hi) -> str:
+    return f"{d:+.4f} [{lo:+.4f}, {hi:+.4f}]"
+
+
+def pattern_markdown(dataset: str, results: list[dict], comparisons: pd.DataFrame, variants: pd.DataFrame) -> str:
+    """The paper's claims (:mod:`benchmark.claims`) decided per preset and seed pair."""
+    zoo = [r for r in results if r["model"].get("source") == "zoo"]
+    arms: dict[str, dict[tuple[str, int], str]] = {}  # preset -> (arm, seed) -> id
+    for r in zoo:
+        m = r["model"]
+        arms.setdefault(m.get("preset"), {})[(arm_of(m), seed_of(m))] = m["id"]
+    paper = C.PAPER.get(dataset, {})
+    lines = [f"# {dataset}: the paper's claims, decided by the benchmark",
+             "",
+             "Generated by `salbench leaderboard` from the stored results; do not edit. Rules: PROTOCOL §7 "
+             "(paired BCa bootstrap 95% interval of model - reference over the fixed image set, Wilcoxon "
+             "signed-rank p Holm-adjusted per (model, reference, method), alpha 0.05). ROS in log10 units; the "
+             "paper's ROS divided by ln 10 (PROTOCOL §6). `paper` is the paper's model - reference difference.",
+             ""]
+    if comparisons.empty:
+        return "\n".join(lines + ["No comparable models yet.", ""])
+    cmp_idx = comparisons.set_index(["model", "reference", "method", "metric"])
+    spread = variants.set_index(["recipe", "method", "metric"]) if not variants.empty else None
+    for preset in sorted(p for p in arms if p):
+        table = arms[preset]
+        lines += [f"## preset `{preset}`", "",
+                  "| claim | method | paper | ours, per seed: delta [95% CI] (p Holm) -> status | across seeds |",
+                  "|---|---|---|---|---|"]
+        n_rows = 0
+        for claim in C.claims_for(dataset):
+            seeds = sorted(s for (a, s) in table if a == claim.model and (claim.reference, s) in table)
+            for method in claim.methods:
+                cells, statuses, deltas = [], [], []
+                for s in seeds:
+                    key = (table[(claim.model, s)], table[(claim.reference, s)], method, claim.metric)
+                    if key not in cmp_idx.index:
+                        continue
+                    row = cmp_idx.loc[key]
+                    st = C.status(claim, row)
+                    statuses.append(st)
+                    deltas.append(float(row["delta"]))
+                    cells.append(f"s{s}: {_fmt_ci(row['delta'], row['delta_lo'], row['delta_hi'])} "
+                                 f"(p {row['p_holm']:.2g}) -> **{st}**")
+                if not cells:
+                    continue
+                sd = float("nan")
+                if spread is not None and len(seeds) > 1:
+                    sds = []
+                    for arm in (claim.model, claim.reference):
+                        key = (_recipe_id(table, arm, seeds[0]), method, claim.metric)
+                        if key in spread.index:
+                            sds.append(float(spread.loc[key, "std"]))
+                    sd = max(sds) if sds else float("nan")
+                gap = claim.expect in ("better", "worse")
+                overall = C.across_seeds(statuses, deltas, sd, gap=gap)
+                pm, pr = (paper.get(claim.model, {}).get(method, {}).get(claim.metric),
+                          paper.get(claim.reference, {}).get(method, {}).get(claim.metric))
+                ptxt = f"{pm - pr:+.3f}" if pm is not None and pr is not None else "n/a"
+                lines.append(f"| {claim.text} | {method} | {ptxt} | {'<br>'.join(cells)} | **{overall}** |")
+                n_rows += 1
+        if not n_rows:
+            lines.append("| (no model pairs for these claims yet) | | | | |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _recipe_id(table: dict, arm: str, seed: int) -> str:
+    return recipe_of({"id": table[(arm, seed)]})
+
+
 def write_leaderboard(dataset: str, *, results_root: Path | None = None, out_dir: Path | None = None,
-                      images_sha256: str | None = None) -> dict[str, Path]:
-    """Regenerate the three CSVs of ``dataset`` from the result store, atomically. With
+                      images_sha256: str | None = None, reference_ids: dict[str, str] | None = None) -> dict[str, Path]:
+    """Regenerate every board file of ``dataset`` from the result store, atomically. With
     ``images_sha256`` (the current image set), results scored on another set are left out."""
+    if reference_ids is None:
+        from benchmark.imagesets import REFERENCE_MODELS
+
+        reference_ids = REFERENCE_MODELS.get(dataset, {})
     out = out_dir or leaderboards_dir()
-    tables = leaderboard_tables(list_results(dataset, root=results_root, images_sha256=images_sha256))
-    names = {"main": f"{dataset}.csv", "ssim": f"{dataset}_ssim.csv", "road": f"{dataset}_road.csv"}
+    results = list_results(dataset, root=results_root, images_sha256=images_sha256)
+    tables = leaderboard_tables(results)
+    claim_pairs = tuple(dict.fromkeys((c.model, c.reference) for c in C.claims_for(dataset)))
+    tables["comparisons"] = comparisons_table(results, reference_ids, claim_pairs)
+    tables["variants"] = variants_table(tables["main"])
+    names = {"main": f"{dataset}.csv", "ssim": f"{dataset}_ssim.csv", "road": f"{dataset}_road.csv",
+             "comparisons": f"{dataset}_comparisons.csv", "variants": f"{dataset}_variants.csv"}
     paths = {}
     for key, df in tables.items():
         buf = io.StringIO()
         df.to_csv(buf, index=False, float_format="%.6g")
         paths[key] = out / names[key]
         atomic_write_bytes(paths[key], buf.getvalue().encode())
+    paths["pattern"] = out / f"{dataset}_pattern.md"
+    md = pattern_markdown(dataset, results, tables["comparisons"], tables["variants"])
+    atomic_write_bytes(paths["pattern"], md.encode())
     return paths
 
 
 def markdown_table(df: pd.DataFrame) -> str:
-    """The README's compact view of a wide leaderboard."""
+    """The README's compact view of a wide leaderboard (intervals where the CSV has them)."""
     cols = ["id", "method", "natural_acc", "robust_acc", "gini", "ssim_mean", "log10_ros", "ros_nan_fraction", "aopc"]
-    d = df[cols].copy()
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for _, r in d.iterrows():
-        cells = [str(r[c]) if isinstance(r[c], str) else f"{r[c]:.3f}" for c in cols]
+    for _, r in df.iterrows():
+        cells = []
+        for c in cols:
+            v = r[c]
+            if isinstance(v, str):
+                cells.append(v)
+            elif f"{c}_lo" in df.columns and not (math.isnan(r[f"{c}_lo"]) or math.isnan(r[f"{c}_hi"])):
+                cells.append(f"{v:.3f} [{r[f'{c}_lo']:.3f}, {r[f'{c}_hi']:.3f}]")
+            else:
+                cells.append(f"{v:.3f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -1,0 +1,176 @@
+"""Intervals, paired tests, verdicts and claims (PROTOCOL §7), against scipy and by hand."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import stats as sps
+
+from benchmark import claims as C
+from benchmark import stats as S
+from benchmark.leaderboard import comparison_pairs, leaderboard_tables, variants_table
+from benchmark.results import DEFAULT_LEADERBOARDS_DIR
+
+SIGMAS = ["0.01", "0.1"]
+LEVELS = ["1", "6", "11"]
+
+
+def _pi(n=200, seed=0, gini=None, ros=None, ssim=None, kept=None, road=None) -> S.PerImage:
+    rng = np.random.default_rng(seed)
+    return S.PerImage(
+        gini=rng.random(n) if gini is None else np.asarray(gini, float),
+        sigmas=SIGMAS,
+        ssim=rng.random((2, n)) if ssim is None else np.asarray(ssim, float),
+        kept=np.ones((2, n), bool) if kept is None else np.asarray(kept, bool),
+        ros=10 ** rng.normal(3, 0.5, n) if ros is None else np.asarray(ros, float),
+        road=(rng.random((n, 3)) < [0.9, 0.6, 0.3]).astype(float) if road is None else np.asarray(road, float),
+        road_levels=LEVELS, correct=np.ones(n))
+
+
+def test_estimates_are_the_protocol_aggregates():
+    pi = _pi(ros=np.r_[np.nan, 10.0, 1000.0, np.full(197, 100.0)],
+             kept=np.r_[[np.r_[False, np.ones(199, bool)]], [np.ones(200, bool)]])
+    ci = S.aggregate_ci(pi, S.aggregate_names(pi, curve=True))
+    assert ci["gini"][0] == pytest.approx(pi.gini.mean())
+    assert ci["ssim@0.01"][0] == pytest.approx(pi.ssim[0, 1:].mean())  # kept images only
+    assert ci["ssim_mean"][0] == pytest.approx((pi.ssim[0, 1:].mean() + pi.ssim[1].mean()) / 2)
+    assert ci["log10_ros"][0] == pytest.approx(math.log10(np.nanmean(pi.ros)))
+    assert ci["ros_nan_fraction"][0] == pytest.approx(1 / 200)
+    acc = pi.road.mean(0)
+    assert ci["aopc"][0] == pytest.approx(((acc[0] - acc) / 4).sum())
+    assert ci["road@6"][0] == pytest.approx(acc[1])
+    for name, (e, lo, hi) in ci.items():
+        assert lo <= e <= hi, name
+
+
+@pytest.mark.parametrize("path", sorted((DEFAULT_LEADERBOARDS_DIR / "results" / "fmnist").glob("*.json"))[:1])
+def test_estimates_equal_the_stored_summary(path: Path):
+    r = json.loads(path.read_text())
+    for method, s in r["summary"].items():
+        ci = S.aggregate_ci(S.PerImage.from_result(r, method))
+        for k in ("gini", "ssim_mean", "log10_ros", "ros_nan_fraction", "aopc"):
+            assert ci[k][0] == pytest.approx(s[k], rel=1e-6, abs=1e-9), k
+        assert ci["acc_on_set"][0] == pytest.approx(r["accuracy"]["on_set"], abs=1e-6)
+
+
+def test_bootstrap_interval_covers_a_known_mean_about_95_percent(monkeypatch):
+    """Coverage over 240 simulated image sets with a known population mean (skewed values).
+    2000 resamples instead of 10 000 keep it fast; that adds Monte-Carlo noise to each bound,
+    not bias. Binomial SE of the coverage at 240 sets: 0.014."""
+    monkeypatch.setattr(S, "N_RESAMPLES", 2000)
+    hits, sets = 0, 240
+    for k in range(sets):
+        rng = np.random.default_rng(1000 + k)
+        g = rng.exponential(0.5, 120)  # population mean 0.5
+        _, lo, hi = S.aggregate_ci(_pi(120, seed=k, gini=g), ["gini"], seed=k)["gini"]
+        hits += lo <= 0.5 <= hi
+    assert 0.90 <= hits / sets <= 0.99, hits / sets
+
+
+def test_interval_of_a_constant_statistic_is_the_point():
+    pi = _pi(50, gini=np.full(50, 0.3))
+    assert S.aggregate_ci(pi, ["gini", "acc_on_set"])["gini"] == pytest.approx((0.3, 0.3, 0.3))
+
+
+def test_wilcoxon_p_is_scipys_on_the_paired_valid_images():
+    rng = np.random.default_rng(3)
+    ros_a, ros_b = 10 ** rng.normal(3, 0.4, 300), 10 ** rng.normal(3.1, 0.4, 300)
+    ros_a[:7] = np.nan
+    ros_b[5:12] = np.nan  # 12 images NaN in one or the other
+    a, b = _pi(300, 1, ros=ros_a), _pi(300, 2, ros=ros_b)
+    rows = {r["metric"]: r for r in S.compare(a, b)}
+    ok = np.isfinite(ros_a) & np.isfinite(ros_b)
+    assert rows["log10_ros"]["n_paired"] == 288
+    assert rows["log10_ros"]["p"] == pytest.approx(sps.wilcoxon(np.log10(ros_a[ok]), np.log10(ros_b[ok])).pvalue)
+    assert rows["log10_ros"]["delta"] == pytest.approx(math.log10(ros_a[ok].mean()) - math.log10(ros_b[ok].mean()))
+    assert rows["gini"]["p"] == pytest.approx(sps.wilcoxon(a.gini, b.gini).pvalue)
+    assert rows["gini"]["delta"] == pytest.approx(a.gini.mean() - b.gini.mean())
+    assert rows["aopc"]["p"] == pytest.approx(sps.wilcoxon(a.aopc_terms, b.aopc_terms).pvalue)
+
+
+def test_verdict_follows_each_metrics_direction():
+    rng = np.random.default_rng(5)
+    base = rng.random(400)
+    ros = 10 ** rng.normal(3, 0.3, 400)
+    ref = _pi(400, 1, gini=base, ros=ros)
+    model = _pi(400, 1, gini=base + 0.05 + rng.normal(0, 0.01, 400), ros=ros / 3)  # sparser, more stable
+    rows = {r["metric"]: r for r in S.compare(model, ref)}
+    assert rows["gini"]["verdict"] == "better" and rows["log10_ros"]["verdict"] == "better"
+    rows = {r["metric"]: r for r in S.compare(ref, model)}
+    assert rows["gini"]["verdict"] == "worse" and rows["log10_ros"]["verdict"] == "worse"
+    same = {r["metric"]: r for r in S.compare(ref, ref)}
+    assert all(r["verdict"] == "no detectable difference" for r in same.values())
+    assert same["gini"]["p"] == 1.0 and same["gini"]["delta"] == 0.0
+
+
+def test_verdict_needs_both_the_test_and_the_interval():
+    assert S.verdict(0.1, 0.05, 0.2, 0.001, "gini", 100) == "better"
+    assert S.verdict(0.1, -0.05, 0.2, 0.001, "gini", 100) == "no detectable difference"  # CI straddles 0
+    assert S.verdict(0.1, 0.05, 0.2, 0.2, "gini", 100) == "no detectable difference"  # p too large
+    assert S.verdict(0.1, 0.05, 0.2, 0.001, "log10_ros", 100) == "worse"
+    assert S.verdict(0.1, 0.05, 0.2, 0.001, "gini", 0) == "not comparable"
+
+
+def test_holm_by_hand():
+    # m = 4; sorted p 0.005, 0.01, 0.03, 0.04 -> 0.02, 0.03, 0.06, max(0.06, 0.04) = 0.06
+    assert S.holm([0.04, 0.005, 0.03, 0.01]) == pytest.approx([0.06, 0.02, 0.06, 0.03])
+    adj = S.holm([0.2, float("nan"), 0.01])  # NaN is not counted in the family
+    assert adj[0] == pytest.approx(0.2) and math.isnan(adj[1]) and adj[2] == pytest.approx(0.02)
+
+
+def _result(mid, variant, preset="p", source="zoo", seed_shift=0.0, smoothing=None):
+    pi = _pi(60, seed=sum(map(ord, mid)))
+    per = {"gini": list(pi.gini + seed_shift), "ros": list(pi.ros), "ssim": pi.ssim.tolist(),
+           "ssim_kept": pi.kept.astype(int).tolist(), "road": pi.road.tolist()}
+    summ = {"gini": float(np.mean(per["gini"])), "ssim": {s: 0.5 for s in SIGMAS},
+            "ssim_kept_fraction": {s: 1.0 for s in SIGMAS}, "ssim_mean": 0.5, "log10_ros": 3.0,
+            "ros_nan_fraction": 0.0, "road_curve": {p: 0.5 for p in LEVELS}, "aopc": 0.1}
+    return {"model": {"id": mid, "variant": variant, "preset": preset, "source": source, "sha256": mid,
+                      "smoothing": smoothing, "arch": "lenet"},
+            "accuracy": {"on_set": 1.0, "natural": 0.8, "robust": 0.6}, "summary": {"VG": summ},
+            "per_image": {"correct": [1] * 60, "VG": per}, "imageset": {"n": 60}, "protocol": "v1"}
+
+
+def test_comparison_pairs_within_seed_and_for_submissions():
+    rs = [_result("d-N-p", "N"), _result("d-A-p", "A"), _result("d-G-p", "G"), _result("d-M1-p", "M1"),
+          _result("d-A-p-s1", "A"), _result("d-G-p-s1", "G"),
+          _result("d-G-p-p2", "G", smoothing={"filter": "gaussian", "placement": 2}),
+          _result("sub-x", "submission", source="submission")]
+    pairs = [(m["model"]["id"], r["model"]["id"]) for m, r in
+             comparison_pairs(rs, {"A": "d-A-p", "G": "d-G-p"}, extra=(("G", "M1"),))]
+    assert ("d-A-p", "d-N-p") in pairs and ("d-G-p", "d-A-p") in pairs and ("d-M1-p", "d-A-p") in pairs
+    assert ("d-G-p-p2", "d-A-p") in pairs and ("d-G-p", "d-M1-p") in pairs
+    assert ("d-G-p-s1", "d-A-p-s1") in pairs and ("d-G-p-s1", "d-A-p") not in pairs  # same seed only
+    assert ("sub-x", "d-A-p") in pairs and ("sub-x", "d-G-p") in pairs
+    assert len(pairs) == len(set(pairs))
+
+
+def test_variants_table_spreads_over_seeds():
+    rs = [_result("d-A-p", "A"), _result("d-A-p-s1", "A", seed_shift=0.1), _result("d-A-p-s2", "A", seed_shift=0.2)]
+    main = leaderboard_tables(rs)["main"]
+    v = variants_table(main)
+    g = v[(v["recipe"] == "d-A-p") & (v["metric"] == "gini")].iloc[0]
+    assert g["n_seeds"] == 3 and g["seeds"] == "0 1 2"
+    vals = sorted(main["gini"])
+    assert g["mean"] == pytest.approx(np.mean(vals)) and g["std"] == pytest.approx(np.std(vals, ddof=1))
+    assert g["min"] == pytest.approx(vals[0]) and g["max"] == pytest.approx(vals[-1])
+
+
+def test_claim_status_and_across_seeds():
+    better = C.Claim("k", "", "G", "A", "log10_ros", "better")
+    row = lambda v, lo=-0.1, hi=-0.05: {"verdict": v, "delta_lo": lo, "delta_hi": hi}  # noqa: E731
+    assert [C.status(better, row(v)) for v in ("better", "worse", "no detectable difference")] == \
+        ["holds", "fails", "undecided"]
+    notworse = C.Claim("k", "", "G", "A", "ssim_mean", "not worse")
+    assert C.status(notworse, row("no detectable difference")) == "holds"
+    assert C.status(notworse, row("worse")) == "fails"
+    margin = C.Claim("k", "", "G", "A", "aopc", "margin", margin=-0.02)
+    assert C.status(margin, row("worse", -0.03, -0.01)) == "undecided"
+    assert C.status(margin, row("worse", -0.05, -0.03)) == "fails"
+    assert C.across_seeds(["holds", "holds"], [-0.1, -0.12], 0.2) == "undecided"  # spread larger than the gap
+    assert C.across_seeds(["holds", "holds"], [-0.1, -0.12], 0.05) == "holds"
+    assert C.across_seeds(["holds", "holds"], [0.001, 0.0], float("nan"), gap=False) == "holds"
