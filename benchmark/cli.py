@@ -7,6 +7,7 @@ checkpoint that fails validation, a missing dataset), 130 interrupted.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 EXIT_OK, EXIT_FAIL, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -41,6 +42,42 @@ def cmd_zoo_list(args) -> int:
     for c in cards:
         print(f"{c['id']:40s} {c['variant']:7s} {c['preset']:12s} {c['natural_accuracy']:8.4f} "
               f"{c['robust_accuracy']:8.4f} {c['num_params']:9d}")
+    return EXIT_OK
+
+
+def cmd_zoo_autoattack(args) -> int:
+    """AutoAttack (standard, L∞, the dataset's ε) on the first 1000 test images of each zoo
+    model that has no such number yet (or all with --force); written onto its card."""
+    from model_zoo import zoo
+    from model_zoo.autoattack import autoattack_card_entry
+    from model_zoo.data import load_split
+
+    cards = zoo.list_cards(args.dataset)
+    if args.only:
+        only = {i for part in args.only for i in part.split(",") if i}
+        unknown = only - {c["id"] for c in cards}
+        if unknown:
+            raise ValueError(f"unknown zoo id(s) {', '.join(sorted(unknown))}; see `salbench zoo list`")
+        cards = [c for c in cards if c["id"] in only]
+    todo = [c for c in cards if args.force or "autoattack" not in c]
+    if not todo:
+        print("every selected card already has an AutoAttack robust accuracy (use --force to recompute)")
+    splits = {}
+    for card in todo:
+        ds = card["dataset"]
+        splits.setdefault(ds, load_split(ds, "test"))
+        t = splits[ds]
+        eps = card["robust_protocol"]["eps"]
+        print(f"AutoAttack on {card['id']} (eps {eps:.4g}) ...", flush=True)
+        entry = autoattack_card_entry(zoo.load(card["id"]), t.images, t.labels, eps=eps,
+                                      n_classes=card.get("num_classes", 10),
+                                      pgd_robust_accuracy=card.get("robust_accuracy"), progress=not args.quiet)
+        path = zoo.zoo_dir() / "cards" / f"{card['id']}.json"
+        fresh = json.loads(path.read_text())  # re-read: another process may have updated the card
+        fresh["autoattack"] = entry
+        zoo.atomic_write_json(path, fresh)
+        print(f"  {card['id']}: PGD {card.get('robust_accuracy', float('nan')):.4f}, AutoAttack "
+              f"{entry['robust_accuracy']:.4f} (gap {entry.get('pgd_minus_autoattack', float('nan')):+.4f})", flush=True)
     return EXIT_OK
 
 
@@ -117,9 +154,10 @@ def cmd_score(args) -> int:
     from benchmark.submit import SubmissionError
 
     try:
+        # whether a stored result is re-used (and when it was scored) or why it is scored: always said
         card, res = submit(args.file, arch=args.arch, dataset=args.dataset, name=args.name, notes=args.notes,
                            smoothing=args.smoothing, rescore=args.rescore, config=_config(args),
-                           progress=not args.quiet)
+                           progress=not args.quiet, notify=lambda msg: print(msg, flush=True))
     except SubmissionError as e:
         print(f"salbench: rejected: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -210,6 +248,13 @@ def build_parser() -> argparse.ArgumentParser:
     zl = zsub.add_parser("list", help="list zoo cards with their accuracies")
     zl.add_argument("--dataset", default=None)
     zl.set_defaults(func=cmd_zoo_list)
+    zaa = zsub.add_parser("autoattack", help="AutoAttack (standard, L-inf) robust accuracy onto zoo cards",
+                          description=cmd_zoo_autoattack.__doc__)
+    zaa.add_argument("--dataset", default=None, choices=DATASETS)
+    zaa.add_argument("--only", action="append", metavar="ID[,ID]", help="only these zoo ids")
+    zaa.add_argument("--force", action="store_true", help="recompute where a card already has a number")
+    zaa.add_argument("--quiet", action="store_true")
+    zaa.set_defaults(func=cmd_zoo_autoattack)
     za = zsub.add_parser("archs", help="list registered architectures")
     za.set_defaults(func=lambda a: print("\n".join(__import__("model_zoo.architectures", fromlist=["x"]).list_archs())) or 0)
     return p
