@@ -4,6 +4,7 @@ leaderboards under a file lock, so concurrent submissions never lose a row."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 from filelock import FileLock
 
@@ -11,7 +12,7 @@ from benchmark import results as R
 from benchmark import submit as S
 from benchmark.imagesets import load_imageset
 from benchmark.leaderboard import write_leaderboard
-from benchmark.scoring import ScoreConfig, score
+from benchmark.scoring import ScoreConfig, resolve_config, score
 from model_zoo import zoo
 from model_zoo.data import load_split
 
@@ -26,12 +27,35 @@ def zoo_cards(dataset: str, cards_dir: Path | None = None) -> list[dict]:
     return [c for c in zoo.list_cards(dataset, cards_dir) if c.get("preset") not in ("tiny",)]
 
 
+def _notifier(notify: Callable[[str], None] | None, progress: bool) -> Callable[[str], None]:
+    if notify is not None:
+        return notify
+    return (lambda msg: print(msg, flush=True)) if progress else (lambda msg: None)
+
+
+def _cached(dataset: str, sha256: str, config: ScoreConfig, imageset, results_root: Path | None,
+            say: Callable[[str], None], label: str) -> dict | None:
+    """The stored result for these weights if its identity matches the requested score (announced),
+    else None (and why it is scored is announced)."""
+    res, why = R.find_reusable(dataset, sha256, config=resolve_config(config, dataset).to_dict(),
+                               images_sha256=imageset.images_sha256, n_images=len(imageset), root=results_root)
+    say(why if res is not None else f"scoring {label} ({why}) ...")
+    return res
+
+
 def score_zoo(dataset: str, *, rescore: bool = False, config: ScoreConfig = ScoreConfig(), progress: bool = True,
               results_root: Path | None = None, out_dir: Path | None = None, cards_dir: Path | None = None,
-              imageset=None, test_split=None, only: list[str] | None = None) -> list[dict]:
+              imageset=None, test_split=None, only: list[str] | None = None,
+              notify: Callable[[str], None] | None = None) -> list[dict]:
     """Ensure a result for every zoo model of ``dataset`` (score where missing or ``rescore``),
     then regenerate the leaderboard. Returns the results. ``only``: these zoo ids, all known
-    (``ValueError`` before anything is loaded or written otherwise)."""
+    (``ValueError`` before anything is loaded or written otherwise).
+
+    A stored result is re-used only when its identity (``benchmark.results.result_identity``:
+    weights, protocol, image set, score-affecting config, device type) equals this call's; otherwise
+    the model is scored again and the stored file replaced. ``notify`` receives one line per model
+    (re-used or why scored); default: printed when ``progress``."""
+    say = _notifier(notify, progress)
     cards = zoo_cards(dataset, cards_dir)
     unknown = [i for i in only or [] if i not in {c["id"] for c in cards}]
     if unknown:
@@ -42,17 +66,17 @@ def score_zoo(dataset: str, *, rescore: bool = False, config: ScoreConfig = Scor
     for card in cards:
         if only and card["id"] not in only:
             continue
-        res = None if rescore else R.load_result(dataset, card["sha256"], root=results_root,
-                                                 images_sha256=imageset.images_sha256)
+        if rescore:
+            res = None
+            say(f"scoring {card['id']} (--rescore) ...")
+        else:
+            res = _cached(dataset, card["sha256"], config, imageset, results_root, say, card["id"])
         if res is None:
-            if progress:
-                print(f"scoring {card['id']} ...", flush=True)
             model = zoo.load(card["id"], cards_dir=cards_dir)
             res = score(model, imageset, config, test_split=test_split, progress=progress)
             with _lock(dataset, out_dir):
                 R.save_result(res, card, root=results_root)
-            if progress:
-                print(f"  done in {res['timings']['total']:.1f} s", flush=True)
+            say(f"  done in {res['timings']['total']:.1f} s")
         out.append(res)
     regenerate(dataset, results_root=results_root, out_dir=out_dir, images_sha256=imageset.images_sha256)
     return out
@@ -67,23 +91,34 @@ def regenerate(dataset: str, *, results_root: Path | None = None, out_dir: Path 
 def submit(path: str | Path, *, arch: str, dataset: str, name: str, notes: str = "", smoothing: str | None = None,
            rescore: bool = False, config: ScoreConfig = ScoreConfig(), progress: bool = True,
            results_root: Path | None = None, out_dir: Path | None = None, submissions_dir: Path | None = None,
-           imageset=None, test_split=None) -> tuple[dict, dict]:
+           imageset=None, test_split=None, notify: Callable[[str], None] | None = None) -> tuple[dict, dict]:
     """Validate, score and add a submitted checkpoint to the leaderboard. Nothing is written
-    unless validation and scoring both succeed."""
+    unless validation and scoring both succeed.
+
+    Weights already on the board under another id (a zoo model, another submission's card or a
+    stored result) are refused with ``SubmissionError`` naming that id; resubmitting under the same
+    name updates the entry. A stored result of the same identity is re-used (announced through
+    ``notify``; default: printed when ``progress``)."""
+    say = _notifier(notify, progress)
     # validate first: a rejected file costs no data loading and writes nothing
     model, card, payload = S.prepare_submission(path, arch=arch, dataset=dataset, name=name, notes=notes,
                                                 smoothing=S.parse_smoothing(smoothing),
-                                                submissions_dir=submissions_dir)
+                                                submissions_dir=submissions_dir, results_root=results_root)
     test_split = test_split or load_split(dataset, "test")
     imageset = imageset or load_imageset(dataset, test_split=test_split)
-    res = None if rescore else R.load_result(dataset, card["sha256"], root=results_root,
-                                             images_sha256=imageset.images_sha256)
+    if rescore:
+        res = None
+        say(f"scoring {card['id']} (--rescore) ...")
+    else:
+        res = _cached(dataset, card["sha256"], config, imageset, results_root, say, card["id"])
     if res is None:
         res = score(model, imageset, config, test_split=test_split, progress=progress)
     card["natural_accuracy"] = res["accuracy"].get("natural")
     card["robust_accuracy"] = res["accuracy"].get("robust")
     card["robust_protocol"] = res["accuracy"].get("robust_protocol", {})
     with _lock(dataset, out_dir):
+        # again under the lock: a concurrent submission of the same weights may have landed meanwhile
+        S.check_not_duplicate(card, submissions_dir=submissions_dir, results_root=results_root)
         S.store_submission(card, payload, submissions_dir)
         R.save_result(res, card, root=results_root)
         write_leaderboard(dataset, results_root=results_root, out_dir=out_dir, images_sha256=imageset.images_sha256)

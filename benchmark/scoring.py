@@ -9,6 +9,7 @@ score is a pure function of (weights, image set, config) on a given device.
 
 from __future__ import annotations
 
+import itertools
 import math
 import platform
 import time
@@ -45,8 +46,10 @@ class ScoreConfig:
     batch_size: int | None = None  # None: DEFAULT_BATCH_SIZE of the dataset (streams the set)
     seed: int = 0
     ig_steps: int = P.IG_STEPS
-    # IG forward passes hold ig_internal_batch_size scaled images (None: the scoring batch, i.e. one
-    # integration step per pass; measured ~2x faster on CPU than all 50 steps at once)
+    # IG forward passes hold at most ig_internal_batch_size path points (None: the scoring batch, i.e.
+    # one integration step per pass; measured ~2x faster on CPU than all 50 steps at once). A memory
+    # knob only: it changes no draw and no number beyond float rounding, so it is not part of a
+    # result's identity (benchmark.results.identity_fields)
     ig_internal_batch_size: int | None = None
     sigmas: tuple[float, ...] = P.SSIM_SIGMAS
     ros_samples: int = P.ROS_SAMPLES
@@ -62,17 +65,40 @@ class ScoreConfig:
 
 
 def explainer_for(method: str, cfg: ScoreConfig):
+    """The explainer of ``method`` under ``cfg``.
+
+    IG memory: captum's ``internal_batch_size`` splits only the *integration steps* into chunks and
+    never holds fewer than one step for every image (it warns and uses ``len(x)`` when asked for
+    less). So with ``cfg.ig_internal_batch_size`` below the batch, the images themselves are split
+    into chunks of that many, each integrated with the same ``internal_batch_size``: no forward pass
+    then holds more than ``ig_internal_batch_size`` path points. IG is per image, so the maps equal
+    the unchunked ones up to float rounding.
+    """
     if method == "VG":
         return metrics.vanilla_gradient
     if method == "IG":
-        internal = cfg.ig_internal_batch_size or cfg.batch_size
+        chunk = cfg.ig_internal_batch_size
 
         def ig(model, x, y):
-            return metrics.integrated_gradients(model, x, y, n_steps=cfg.ig_steps,
-                                                internal_batch_size=max(internal, len(x)))
+            if chunk is None:  # one integration step (the whole scoring batch) per forward pass
+                return metrics.integrated_gradients(model, x, y, n_steps=cfg.ig_steps,
+                                                    internal_batch_size=max(cfg.batch_size or len(x), len(x)))
+            if chunk >= len(x):
+                return metrics.integrated_gradients(model, x, y, n_steps=cfg.ig_steps, internal_batch_size=chunk)
+            return torch.cat([metrics.integrated_gradients(model, x[i:i + chunk], y[i:i + chunk], n_steps=cfg.ig_steps,
+                                                           internal_batch_size=chunk)
+                              for i in range(0, len(x), chunk)])
 
         return ig
     raise ValueError(f"unknown attribution method {method!r}; expected one of {METHODS}")
+
+
+def resolve_config(config: ScoreConfig, dataset: str) -> ScoreConfig:
+    """``config`` with ``batch_size`` filled in (the dataset's default when None): the config a
+    result stores and its identity (``benchmark.results.result_identity``) is computed from."""
+    if config.batch_size is None:
+        return replace(config, batch_size=DEFAULT_BATCH_SIZE.get(dataset, 64))
+    return config
 
 
 def _gen(cfg: ScoreConfig, device, *parts) -> torch.Generator:
@@ -112,14 +138,49 @@ def score(
     accuracies, timings, the resolved config and package versions. Aggregation follows
     PROTOCOL §3: Gini mean; SSIM mean over kept images per σ (+ kept fraction); log10 of the
     nan-mean ROS (+ NaN fraction); ROAD curve = accuracy per level, AOPC.
+
+    The model is scored on ``config.device`` in eval mode with frozen parameters; afterwards the
+    caller's ``model`` is back on its device, in its train/eval modes, with its ``requires_grad`` flags.
     """
-    cfg = config
-    if cfg.batch_size is None:
-        cfg = replace(cfg, batch_size=DEFAULT_BATCH_SIZE.get(imageset.dataset, 64))
+    cfg = resolve_config(config, imageset.dataset)
     device = torch.device(cfg.device)
-    model = model.to(device).eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
+    state = _ModelState.capture(model)
+    try:
+        model = model.to(device).eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        return _score(model, imageset, cfg, device, test_split=test_split, progress=progress)
+    finally:
+        state.restore(model)
+
+
+@dataclass
+class _ModelState:
+    """What ``score`` changes on the caller's model (device, train/eval mode of every module,
+    ``requires_grad`` of every parameter), to put back afterwards."""
+
+    device: torch.device | None
+    training: list[bool]
+    requires_grad: list[bool]
+
+    @classmethod
+    def capture(cls, model: nn.Module) -> "_ModelState":
+        first = next(itertools.chain(model.parameters(), model.buffers()), None)
+        return cls(device=None if first is None else first.device,
+                   training=[m.training for m in model.modules()],
+                   requires_grad=[p.requires_grad for p in model.parameters()])
+
+    def restore(self, model: nn.Module) -> None:
+        if self.device is not None:
+            model.to(self.device)
+        for m, t in zip(model.modules(), self.training):
+            m.training = t
+        for p, r in zip(model.parameters(), self.requires_grad):
+            p.requires_grad_(r)
+
+
+def _score(model: nn.Module, imageset, cfg: ScoreConfig, device: torch.device, *, test_split: Split | None,
+           progress: bool) -> dict:
     n = len(imageset)
     t_start = time.perf_counter()
     timings: dict[str, float] = {}

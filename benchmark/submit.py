@@ -18,7 +18,7 @@ import torch
 from model_zoo import zoo
 from model_zoo.data import IMAGE_SHAPE, NUM_CLASSES
 
-from benchmark.results import leaderboards_dir
+from benchmark.results import leaderboards_dir, result_path
 
 
 def submissions_root() -> Path:
@@ -75,10 +75,45 @@ def validate(path: str | Path, *, arch: str, dataset: str, smoothing: dict | Non
     return model
 
 
+def existing_entry(dataset: str, sha256: str, *, submissions_dir: Path | None = None,
+                   results_root: Path | None = None, cards_dir: Path | None = None) -> list[str]:
+    """Ids under which the weights ``sha256`` are already known for ``dataset``: zoo cards, submission
+    cards and stored results (whatever the config they were scored with)."""
+    ids = [c["id"] for c in zoo.list_cards(dataset, cards_dir) if c.get("sha256") == sha256]
+    ids += [c["id"] for c in list_submission_cards(dataset, submissions_dir) if c.get("sha256") == sha256]
+    p = result_path(dataset, sha256, root=results_root)
+    if p.is_file():
+        try:
+            model = json.loads(p.read_text()).get("model", {})
+        except ValueError:
+            model = {}
+        if model.get("sha256") == sha256 and model.get("id"):
+            ids.append(model["id"])
+    return list(dict.fromkeys(ids))
+
+
+def check_not_duplicate(card: dict, *, submissions_dir: Path | None = None, results_root: Path | None = None,
+                        cards_dir: Path | None = None) -> None:
+    """One entry per checkpoint: weights already on the board under another id are refused
+    (``SubmissionError`` naming that id); the same name again updates its own entry."""
+    others = [i for i in existing_entry(card["dataset"], card["sha256"], submissions_dir=submissions_dir,
+                                        results_root=results_root, cards_dir=cards_dir) if i != card["id"]]
+    if others:
+        name = others[0].removeprefix(f"{card['dataset']}-sub-")
+        hint = (f"resubmit with --name {name!r} to update that entry" if others[0] != name
+                else "it is a zoo model")
+        raise SubmissionError(f"these weights (sha256 {card['sha256'][:12]}...) are already on the {card['dataset']} "
+                              f"leaderboard as {others[0]!r}; {hint} (nothing was written)")
+
+
 def prepare_submission(path: str | Path, *, arch: str, dataset: str, name: str, notes: str = "",
                        smoothing: dict | None = None, submissions_dir: Path | None = None,
-                       probe: torch.Tensor | None = None) -> tuple[torch.nn.Module, dict, bytes]:
-    """Validate and build the card + canonical safetensors bytes, without writing anything."""
+                       probe: torch.Tensor | None = None,
+                       results_root: Path | None = None) -> tuple[torch.nn.Module, dict, bytes]:
+    """Validate and build the card + canonical safetensors bytes, without writing anything.
+
+    Raises ``SubmissionError`` when the name is taken by other weights, or the weights are already
+    on the board under another id (see :func:`check_not_duplicate`)."""
     model = validate(path, arch=arch, dataset=dataset, smoothing=smoothing, probe=probe)
     mid = f"{dataset}-sub-{slug(name)}"
     payload = zoo.state_dict_bytes(model)
@@ -90,6 +125,8 @@ def prepare_submission(path: str | Path, *, arch: str, dataset: str, name: str, 
         if old["sha256"] != digest:
             raise SubmissionError(f"the name {name!r} is already used by another checkpoint ({old['sha256'][:12]}...); "
                                   "choose another --name")
+    check_not_duplicate({"id": mid, "dataset": dataset, "sha256": digest}, submissions_dir=submissions_dir,
+                        results_root=results_root)
     card = zoo.make_card(
         model_id=mid, model=model, weights_file=f"{mid}-{digest[:8]}.safetensors", sha256=digest, dataset=dataset,
         arch=arch, variant="submission", preset="submission", recipe=None, smoothing=smoothing,
