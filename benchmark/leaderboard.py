@@ -165,7 +165,7 @@ _SPREAD_METRICS = ("natural_acc", "robust_acc", "acc_on_set", "gini", "ssim_mean
 def variants_table(main: pd.DataFrame) -> pd.DataFrame:
     """Each zoo recipe (id without seed suffix) x method x metric across its training seeds."""
     rows = []
-    zoo = main[main["source"] == "zoo"]
+    zoo = main[main["source"] == "zoo"] if "source" in main.columns else main.iloc[0:0]
     if zoo.empty:
         return pd.DataFrame(columns=["recipe", "variant", "preset", "method", "metric", "n_seeds", "seeds", "mean",
                                      "std", "min", "max"])
