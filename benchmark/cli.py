@@ -166,7 +166,29 @@ def cmd_score(args) -> int:
     for m, s in res["summary"].items():
         print(f"  {m}: Gini {s['gini']:.4f}  SSIM {s['ssim_mean']:.4f}  log10 ROS {s['log10_ros']:.3f} "
               f"(NaN {s['ros_nan_fraction']:.3f})  AOPC {s['aopc']:.4f}")
+    _print_verdicts(args.dataset, card["id"])
     return EXIT_OK
+
+
+def _print_verdicts(dataset: str, model_id: str) -> None:
+    """The submission's paired verdicts against the dataset's reference A and G (PROTOCOL §7)."""
+    import pandas as pd
+
+    from benchmark.results import leaderboards_dir
+
+    path = leaderboards_dir() / f"{dataset}_comparisons.csv"
+    if not path.is_file():
+        return
+    df = pd.read_csv(path)
+    df = df[(df["model"] == model_id) & df["metric"].isin(["gini", "ssim_mean", "log10_ros", "aopc"])]
+    if df.empty:
+        print(f"  (no reference A/G results on the {dataset} board to compare with)")
+        return
+    print(f"verdicts vs the reference models (paired over the set, 95% CI of the difference; {path.name}):")
+    for _, r in df.iterrows():
+        print(f"  vs {r['reference']:<32s} {r['method']:3s} {r['metric']:<10s} {r['delta']:+.4f} "
+              f"[{r['delta_lo']:+.4f}, {r['delta_hi']:+.4f}]  p_holm {r['p_holm']:.2g}  {r['verdict']}")
+    print(f"rows: leaderboards/{dataset}.csv (id {model_id}); figures: `salbench figures --dataset {dataset}`")
 
 
 def _scoring_args(p) -> None:

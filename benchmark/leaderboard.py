@@ -251,14 +251,24 @@ def _recipe_id(table: dict, arm: str, seed: int) -> str:
     return recipe_of({"id": table[(arm, seed)]})
 
 
+def _reference_ids(dataset: str) -> dict[str, str]:
+    """variant -> id of the image set's reference models (what submissions are compared with)."""
+    import json
+
+    from benchmark.imagesets import REFERENCE_MODELS, imageset_path
+
+    p = imageset_path(dataset)
+    if p.is_file():
+        return {v: r["id"] for v, r in json.loads(p.read_text()).get("reference_models", {}).items()}
+    return dict(REFERENCE_MODELS.get(dataset, {}))
+
+
 def write_leaderboard(dataset: str, *, results_root: Path | None = None, out_dir: Path | None = None,
                       images_sha256: str | None = None, reference_ids: dict[str, str] | None = None) -> dict[str, Path]:
     """Regenerate every board file of ``dataset`` from the result store, atomically. With
     ``images_sha256`` (the current image set), results scored on another set are left out."""
     if reference_ids is None:
-        from benchmark.imagesets import REFERENCE_MODELS
-
-        reference_ids = REFERENCE_MODELS.get(dataset, {})
+        reference_ids = _reference_ids(dataset)
     out = out_dir or leaderboards_dir()
     results = list_results(dataset, root=results_root, images_sha256=images_sha256)
     tables = leaderboard_tables(results)

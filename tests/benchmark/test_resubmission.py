@@ -77,3 +77,25 @@ def test_resubmission_under_the_same_name_reuses_and_announces(submitted, capsys
     assert "re-using the stored result of fmnist-sub-first" in out and "scored on" in out, out
     assert set(pd.read_csv(env["lb"] / "fmnist.csv")["id"]) == {"fmnist-sub-first"}
     assert len(list((env["lb"] / "submissions" / "fmnist").glob("*.safetensors"))) == 1
+
+
+
+def test_a_scored_submission_prints_its_verdicts_against_the_reference_a_and_g(env, fmnist_small, tmp_path, capsys):
+    """After scoring, the CLI says where the row went and the paired verdicts vs the image set's
+    reference A and G (PROTOCOL §7)."""
+    from benchmark.cli import _print_verdicts
+
+    cfg = replace(FAST, accuracy=False)
+    harness.score_zoo("fmnist", config=cfg, progress=False, imageset=env["imageset"], test_split=env["test"])
+    f = tmp_path / "mine.safetensors"
+    save_file(quick_train(fmnist_small[0], seed=12, steps=30).state_dict(), str(f))
+    card, _ = harness.submit(f, arch="lenet", dataset="fmnist", name="mine", config=cfg, progress=False,
+                             imageset=env["imageset"], test_split=env["test"])
+    cmp = pd.read_csv(env["lb"] / "fmnist_comparisons.csv")
+    assert set(cmp.loc[cmp["model"] == card["id"], "reference"]) == {env["refs"]["A"], env["refs"]["G"]}
+    _print_verdicts("fmnist", card["id"])
+    out = capsys.readouterr().out
+    assert "verdicts vs the reference models" in out and "leaderboards/fmnist.csv" in out
+    for ref in (env["refs"]["A"], env["refs"]["G"]):
+        assert f"vs {ref}" in out
+    assert any(v in out for v in ("better", "worse", "no detectable difference"))
