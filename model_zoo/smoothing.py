@@ -41,8 +41,10 @@ def _median9(p: list[Tensor]) -> Tensor:
 
 class _Median3x3(torch.autograd.Function):
     """3x3 median of an already padded map: the value from the selection network (no autograd
-    graph), the gradient routed to the first of the 9 neighbours equal to the median (the
-    subgradient ``sort`` gives, up to the choice among exact ties)."""
+    graph), the gradient routed to the neighbour a stable sort puts at rank 4 (of 0..8) —
+    among neighbours equal to the median, the (4 - #smaller)-th in raster order — exactly as
+    ``unfold`` + ``sort`` on CPU does. Ties are common on real inputs (a constant background
+    gives exact plateaus), so the choice matters for the gradient, not for the value."""
 
     @staticmethod
     def forward(ctx, xp: Tensor) -> Tensor:
@@ -50,9 +52,16 @@ class _Median3x3(torch.autograd.Function):
         views = [xp[..., i : i + h, j : j + w] for i in range(3) for j in range(3)]
         med = _median9(views)
         if ctx.needs_input_grad[0]:
-            which = torch.full(med.shape, 8, dtype=torch.uint8, device=med.device)
-            for k in range(7, -1, -1):
-                which = torch.where(views[k] == med, k, which)
+            n_less = torch.zeros(med.shape, dtype=torch.int16, device=med.device)
+            for v in views:
+                n_less += v < med
+            target = 4 - n_less  # which of the equal neighbours (0-based, raster order) has rank 4
+            seen = torch.zeros_like(n_less)
+            which = torch.zeros(med.shape, dtype=torch.uint8, device=med.device)
+            for k, v in enumerate(views):
+                eq = v == med
+                which = torch.where(eq & (seen == target), k, which)
+                seen += eq
             ctx.save_for_backward(which)
             ctx.padded_shape = xp.shape
         return med

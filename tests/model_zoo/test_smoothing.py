@@ -131,3 +131,16 @@ def test_filter_is_fixed_and_not_saved(filter):
     block = SmoothBlock(3, width=8, filter=filter)
     assert [n for n, _ in block.named_parameters()] == ["mix.weight", "mix.bias"]
     assert set(block.state_dict()) == {"mix.weight", "mix.bias"}
+
+
+def test_median_gradient_on_plateaus_routes_like_a_stable_sort():
+    """Exact ties (plateaus of equal positive values, as a constant image background gives)
+    send the gradient to the same neighbour as ``unfold`` + ``sort`` (rank 4, stable): the
+    committed M2 checkpoints' saliency maps depend on that choice."""
+    block = SmoothBlock(3, width=8, filter="median")
+    g = torch.Generator().manual_seed(7)
+    x = (torch.randint(0, 3, (4, 3, 8, 8), generator=g).float() * 0.5 + 0.25).requires_grad_(True)
+    up = torch.randn(4, 3, 8, 8, generator=g)
+    (new,) = torch.autograd.grad(block.smooth(x), x, up)
+    (ref,) = torch.autograd.grad(block.smooth_reference(x), x, up)
+    torch.testing.assert_close(new, ref, rtol=0, atol=1e-6)
