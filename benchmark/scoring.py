@@ -14,6 +14,7 @@ import math
 import platform
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 
 import numpy as np
@@ -64,33 +65,78 @@ class ScoreConfig:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
 
-def explainer_for(method: str, cfg: ScoreConfig):
-    """The explainer of ``method`` under ``cfg``.
+@dataclass(frozen=True)
+class ExplainerSpec:
+    """A registered attribution method: ``build(cfg)`` returns an explainer
+    ``(model, x, y) -> (B, H, W)`` maps (the ``metrics.Explainer`` contract, PROTOCOL §2)."""
 
-    IG memory: captum's ``internal_batch_size`` splits only the *integration steps* into chunks and
+    name: str
+    build: Callable[["ScoreConfig"], Callable]
+    description: str = ""
+
+
+EXPLAINERS: dict[str, ExplainerSpec] = {}
+
+
+def register_explainer(name: str, description: str = ""):
+    """Register an attribution method under ``name`` (a decorator of ``build(cfg) -> explainer``).
+    ``ScoreConfig(methods=(..., name))`` then scores it with every metric, and it gets its own rows
+    on the leaderboard and in the comparisons.
+
+    >>> @register_explainer("VG2", "squared Vanilla Gradient")
+    ... def _vg2(cfg):
+    ...     return lambda model, x, y: metrics.vanilla_gradient(model, x, y) ** 2
+    >>> "VG2" in EXPLAINERS
+    True
+    >>> del EXPLAINERS["VG2"]
+    """
+    if not name or "," in name:
+        raise ValueError(f"an explainer name must be non-empty and contain no comma, got {name!r}")
+
+    def deco(build):
+        if name in EXPLAINERS:
+            raise ValueError(f"an explainer named {name!r} is already registered")
+        EXPLAINERS[name] = ExplainerSpec(name, build, description)
+        return build
+
+    return deco
+
+
+@register_explainer("VG", "Vanilla Gradient: |d logit_y / d x| summed over channels (PROTOCOL §2)")
+def _vg(cfg: "ScoreConfig"):
+    return metrics.vanilla_gradient
+
+
+@register_explainer("IG", "Integrated Gradients, zero baseline, Gauss-Legendre steps, summed over channels (PROTOCOL §2)")
+def _ig(cfg: "ScoreConfig"):
+    """IG memory: captum's ``internal_batch_size`` splits only the *integration steps* into chunks and
     never holds fewer than one step for every image (it warns and uses ``len(x)`` when asked for
     less). So with ``cfg.ig_internal_batch_size`` below the batch, the images themselves are split
     into chunks of that many, each integrated with the same ``internal_batch_size``: no forward pass
     then holds more than ``ig_internal_batch_size`` path points. IG is per image, so the maps equal
     the unchunked ones up to float rounding.
     """
-    if method == "VG":
-        return metrics.vanilla_gradient
-    if method == "IG":
-        chunk = cfg.ig_internal_batch_size
+    chunk = cfg.ig_internal_batch_size
 
-        def ig(model, x, y):
-            if chunk is None:  # one integration step (the whole scoring batch) per forward pass
-                return metrics.integrated_gradients(model, x, y, n_steps=cfg.ig_steps,
-                                                    internal_batch_size=max(cfg.batch_size or len(x), len(x)))
-            if chunk >= len(x):
-                return metrics.integrated_gradients(model, x, y, n_steps=cfg.ig_steps, internal_batch_size=chunk)
-            return torch.cat([metrics.integrated_gradients(model, x[i:i + chunk], y[i:i + chunk], n_steps=cfg.ig_steps,
-                                                           internal_batch_size=chunk)
-                              for i in range(0, len(x), chunk)])
+    def ig(model, x, y):
+        if chunk is None:  # one integration step (the whole scoring batch) per forward pass
+            return metrics.integrated_gradients(model, x, y, n_steps=cfg.ig_steps,
+                                                internal_batch_size=max(cfg.batch_size or len(x), len(x)))
+        if chunk >= len(x):
+            return metrics.integrated_gradients(model, x, y, n_steps=cfg.ig_steps, internal_batch_size=chunk)
+        return torch.cat([metrics.integrated_gradients(model, x[i:i + chunk], y[i:i + chunk], n_steps=cfg.ig_steps,
+                                                       internal_batch_size=chunk)
+                          for i in range(0, len(x), chunk)])
 
-        return ig
-    raise ValueError(f"unknown attribution method {method!r}; expected one of {METHODS}")
+    return ig
+
+
+def explainer_for(method: str, cfg: ScoreConfig):
+    """The explainer of the registered ``method`` under ``cfg`` (see :func:`register_explainer`)."""
+    if method not in EXPLAINERS:
+        raise ValueError(f"unknown attribution method {method!r}; registered: {', '.join(EXPLAINERS)} "
+                         "(add one with benchmark.scoring.register_explainer)")
+    return EXPLAINERS[method].build(cfg)
 
 
 def resolve_config(config: ScoreConfig, dataset: str) -> ScoreConfig:
