@@ -1,4 +1,4 @@
-"""``salbench``: train the zoo, build image sets, score checkpoints, write leaderboards and figures.
+"""salbench: train the zoo, build image sets, score checkpoints, write leaderboards and figures.
 
 Exit codes: 0 success, 1 a run failed (e.g. a metric crashed), 2 bad input (arguments, a
 checkpoint that fails validation, a missing dataset), 130 interrupted.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 
 EXIT_OK, EXIT_FAIL, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -42,6 +43,17 @@ def cmd_zoo_list(args) -> int:
     for c in cards:
         print(f"{c['id']:40s} {c['variant']:7s} {c['preset']:12s} {c['natural_accuracy']:8.4f} "
               f"{c['robust_accuracy']:8.4f} {c['num_params']:9d}")
+    return EXIT_OK
+
+
+def cmd_zoo_presets(args) -> int:
+    from model_zoo.recipes import PRESETS
+
+    for key, p in sorted(PRESETS.items()):
+        if args.dataset in (None, p.dataset):
+            a = p.adversarial
+            print(f"{key:24s} {p.natural.arch:9s} N {p.natural.epochs:3d} ep, A/G {a.epochs:3d} ep "
+                  f"(PGD-{a.attack_steps}){'  [scaled down]' if p.scaled_down else ''}  {p.description}")
     return EXIT_OK
 
 
@@ -195,7 +207,9 @@ def _scoring_args(p) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--batch-size", type=int, default=None,
                    help="images per scoring batch (default: 250 for fmnist and cifar10, 16 for imagenette)")
-    p.add_argument("--methods", default=None, help="comma-separated attribution methods (default VG,IG)")
+    p.add_argument("--methods", default=None,
+                   help="comma-separated attribution methods: VG, IG, or any registered with "
+                        "benchmark.scoring.register_explainer (default: VG,IG)")
     p.add_argument("--rescore", action="store_true", help="ignore cached results and score again")
     p.add_argument("--quiet", action="store_true")
 
@@ -216,13 +230,15 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train one zoo entry; checkpoints every epoch and resumes after a crash.")
     t.add_argument("--dataset", required=True, choices=DATASETS)
     t.add_argument("--variant", required=True, choices=["N", "A", "G", "M1", "M2"])
-    t.add_argument("--preset", default="paper", help="recipe preset (see model_zoo/recipes.py)")
+    t.add_argument("--preset", default="paper",
+                   help="recipe preset: fmnist: paper (the full recipe, 40 PGD epochs for A/G), paper-10ep, tiny; "
+                        "cifar10: paper (GPU), cpu-resnet8; imagenette: paper (GPU). `salbench zoo presets` describes them")
     t.add_argument("--placement", type=int, default=None, help="SmoothBlock after stage 1, 2 or 3 (default: recipe)")
     t.add_argument("--seed", type=int, default=0,
                    help="training seed (init, data order, augmentation, PGD starts); ids get -s<seed> when > 0")
     t.add_argument("--work-dir", default="runs", help="epoch checkpoints (resumed from)")
     t.add_argument("--out", default=None, help="zoo folder for weights + card (default: the bundled zoo)")
-    t.add_argument("--device", default="cpu")
+    t.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     t.add_argument("--no-resume", action="store_true", help="start from scratch even if a checkpoint exists")
     t.add_argument("--quiet", action="store_true")
     t.set_defaults(func=cmd_train)
@@ -268,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     z = sub.add_parser("zoo", help="inspect the model zoo")
     zsub = z.add_subparsers(dest="zoo_command", required=True)
     zl = zsub.add_parser("list", help="list zoo cards with their accuracies")
-    zl.add_argument("--dataset", default=None)
+    zl.add_argument("--dataset", default=None, choices=DATASETS)
     zl.set_defaults(func=cmd_zoo_list)
     zaa = zsub.add_parser("autoattack", help="AutoAttack (standard, L-inf) robust accuracy onto zoo cards",
                           description=cmd_zoo_autoattack.__doc__)
@@ -277,9 +293,49 @@ def build_parser() -> argparse.ArgumentParser:
     zaa.add_argument("--force", action="store_true", help="recompute where a card already has a number")
     zaa.add_argument("--quiet", action="store_true")
     zaa.set_defaults(func=cmd_zoo_autoattack)
+    zp = zsub.add_parser("presets", help="list training presets with their description")
+    zp.add_argument("--dataset", default=None, choices=DATASETS)
+    zp.set_defaults(func=cmd_zoo_presets)
     za = zsub.add_parser("archs", help="list registered architectures")
     za.set_defaults(func=lambda a: print("\n".join(__import__("model_zoo.architectures", fromlist=["x"]).list_archs())) or 0)
+    _finish(p)
     return p
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
+
+
+def _plain(text: str) -> str:
+    """Strip ANSI escape sequences (colour codes some libraries put in their messages).
+
+    >>> _plain("\x1b[31mbad\x1b[0m input")
+    'bad input'
+    """
+    return _ANSI.sub("", text)
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown in every option's help (unless it already names its default, or there is
+    none to show); descriptions keep their line breaks."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if ("default" in text or action.default is None or action.default is False
+                or action.default is argparse.SUPPRESS or not action.option_strings):
+            return text
+        return super()._get_help_string(action)
+
+
+def _finish(parser: argparse.ArgumentParser, top: bool = True) -> None:
+    """Every (sub)command: defaults in help, and ``--threads`` accepted after the subcommand too."""
+    parser.formatter_class = _HelpFormatter
+    if not top and not any("--threads" in a.option_strings for a in parser._actions):
+        parser.add_argument("--threads", type=int, default=argparse.SUPPRESS,
+                            help="torch intra-op threads (also accepted before the subcommand)")
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in dict.fromkeys(action.choices.values()):
+                _finish(sub, top=False)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -293,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     except (ValueError, KeyError, FileNotFoundError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"salbench: error: {msg}", file=sys.stderr)
+        print(f"salbench: error: {_plain(str(msg))}", file=sys.stderr)
         return EXIT_BAD_INPUT
 
 
