@@ -4,6 +4,11 @@ The LeNet of PROTOCOL §5 (trained one epoch) on the first 1000 FMNIST test imag
 224x224 RGB imputation benchmark. Targets (reference time / our time): ROAD >= 20x quantus,
 SSIM >= 10x skimage, ROS >= 3x quantus, VG/IG >= 70 % of raw forward+backward throughput,
 224x224 imputation >= 10x a per-image scipy spsolve loop.
+
+Targets are reported (the summary table's "met" column), not asserted: on a loaded machine they
+are aims. What is asserted: every ratio clears its :data:`FLOORS` entry, and the outputs of our
+path agree with the reference where the two compute the same thing (VG vs the raw gradient, SSIM
+vs skimage, ROS vs quantus's aggregate, imputation vs scipy).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from scipy.sparse import csc_matrix
 from scipy.sparse.linalg import spsolve
 
 from metrics import (
+    aggregate_ros,
     integrated_gradients,
     noisy_linear_imputation,
     relative_output_stability,
@@ -35,6 +41,27 @@ from metrics.protocol import ROAD_NEIGHBOUR_WEIGHTS, ROAD_NOISE, ROAD_PERCENTAGE
 
 quantus = pytest.importorskip("quantus")
 skimage_metrics = pytest.importorskip("skimage.metrics")
+
+#: The smallest ratio each benchmark must reach (reference time / our time; for VG and IG our
+#: throughput / raw forward+backward throughput). Measured on the 2-core machine with a training
+#: run on the other core (README "Performance"): ROAD 16.2x, SSIM 7.5x, ROS 4.1x, VG 0.94,
+#: IG 0.86, 224x224 imputation 6.3x (scattered) and 1.5x (clustered); with both cores taken by
+#: other jobs: 10.8x, 3.9x, 3.9x, 1.0, 0.8, 3.6x and 0.8x. The floors sit at about half of the
+#: loaded values, below load noise but above what a lost vectorisation, a per-image Python loop
+#: or a solver that stops converging would give.
+FLOORS = {
+    "road": 5.0,
+    "ssim": 2.0,
+    "ros": 1.5,
+    "vg": 0.5,
+    "ig": 0.4,
+    "imputation_scattered": 1.5,
+    "imputation_clustered": 0.4,
+}
+
+
+def _check_floor(ratio: float, key: str) -> None:
+    assert ratio >= FLOORS[key], f"{key}: ratio {ratio:.2f} below the floor {FLOORS[key]} (see FLOORS)"
 
 
 def _best(fn: Callable[[], object], rounds: int) -> float:
@@ -84,10 +111,11 @@ def test_road_vs_quantus(benchmark, record, lenet, fmnist, vg_maps):
             )
 
     ref = _best(reference, rounds=2) * len(x) / n_ref
-    record(
+    ratio = record(
         benchmark, "ROAD, 20 levels, 1000 images vs quantus.ROAD", ours, ref, 20.0,
         reference_note=f"quantus timed on {n_ref} images, scaled x{len(x) // n_ref}",
     )  # fmt: skip
+    _check_floor(ratio, "road")
 
 
 # ----------------------------------------------------------------------------------------- SSIM
@@ -102,14 +130,19 @@ def test_ssim_vs_skimage(benchmark, record, lenet, fmnist, vg_maps):
     ours = _timed(benchmark, lambda: [ssim(vg_maps, m) for m in noisy_maps], rounds=5)
     a = vg_maps.numpy()
     bs = [m.numpy() for m in noisy_maps]
+    ref_values: list[list[float]] = []
 
     def reference():
-        for b in bs:
-            for i in range(len(a)):
-                skimage_metrics.structural_similarity(a[i], b[i], data_range=2, win_size=5)
+        ref_values[:] = [
+            [skimage_metrics.structural_similarity(a[i], b[i], data_range=2, win_size=5) for i in range(len(a))]
+            for b in bs
+        ]
 
     ref = _best(reference, rounds=2)
-    record(benchmark, "SSIM, 8 noise levels x 1000 pairs vs skimage loop", ours, ref, 10.0)
+    ratio = record(benchmark, "SSIM, 8 noise levels x 1000 pairs vs skimage loop", ours, ref, 10.0)
+    _check_floor(ratio, "ssim")
+    got = torch.stack([ssim(vg_maps, m) for m in noisy_maps]).double()
+    np.testing.assert_allclose(got.numpy(), np.array(ref_values), atol=1e-5)  # PROTOCOL §3: 1e-5
 
 
 # ------------------------------------------------------------------------------------------ ROS
@@ -121,13 +154,18 @@ def _numpy_vg(model, inputs, targets, **kwargs):
 
 def test_ros_vs_quantus(benchmark, record, lenet, fmnist, vg_maps):
     x, y = fmnist
-    ours = _timed(benchmark, lambda: relative_output_stability(lenet, x, y, vanilla_gradient, maps=vg_maps), rounds=3)
+    outputs: list[torch.Tensor] = []
+    ours = _timed(
+        benchmark, lambda: outputs.append(relative_output_stability(lenet, x, y, vanilla_gradient, maps=vg_maps)), 3
+    )
     metric = quantus.RelativeOutputStability(nr_samples=5, disable_warnings=True)
+    ref_values: list = []
 
     def reference():
+        np.random.seed(0)  # quantus draws its perturbations from numpy's global RNG
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            metric(
+            ref_values[:] = metric(
                 model=lenet,
                 x_batch=x.numpy(),
                 y_batch=y.numpy(),
@@ -139,7 +177,13 @@ def test_ros_vs_quantus(benchmark, record, lenet, fmnist, vg_maps):
             )
 
     ref = _best(reference, rounds=3)
-    record(benchmark, "ROS (VG), 5 samples, 1000 images vs quantus", ours, ref, 3.0)
+    ratio = record(benchmark, "ROS (VG), 5 samples, 1000 images vs quantus", ours, ref, 3.0)
+    _check_floor(ratio, "ros")
+    # the same quantity under different random draws: the aggregates agree (as in tests/metrics)
+    log_mean, nan_fraction = aggregate_ros(outputs[-1])
+    ref_arr = np.asarray(ref_values, dtype=np.float64)
+    assert log_mean == pytest.approx(np.log10(np.nanmean(ref_arr)), abs=0.08)
+    assert nan_fraction == pytest.approx(np.isnan(ref_arr).mean(), abs=0.05)
 
 
 # ------------------------------------------------------------------------ attribution throughput
@@ -153,23 +197,32 @@ def _raw_forward_backward(model, x, y):
 
 def test_vanilla_gradient_throughput(benchmark, record, lenet, fmnist):
     x, y = fmnist
-    ours = _timed(benchmark, lambda: vanilla_gradient(lenet, x, y), rounds=5)
+    maps: list[torch.Tensor] = []
+    ours = _timed(benchmark, lambda: maps.append(vanilla_gradient(lenet, x, y)), rounds=5)
     raw = _best(lambda: _raw_forward_backward(lenet, x, y), rounds=5)
     ratio = record(benchmark, "VG throughput vs raw fwd+bwd (batch 1000)", ours, raw, 0.7)
     benchmark.extra_info["images_per_s"] = len(x) / ours
     benchmark.extra_info["raw_images_per_s"] = len(x) / raw
-    assert ratio > 0  # the ratio is throughput(VG) / throughput(raw)
+    _check_floor(ratio, "vg")  # the ratio is throughput(VG) / throughput(raw)
+    # the timed path computes the raw gradient (one channel: VG = |gradient|)
+    torch.testing.assert_close(maps[-1], _raw_forward_backward(lenet, x, y).abs().sum(1), rtol=1e-5, atol=1e-7)
 
 
 def test_integrated_gradients_throughput(benchmark, record, lenet, fmnist):
     x, y = fmnist
     n, steps = 100, 50  # 100 images x 50 steps = 5000 path points per pass
-    ours = _timed(benchmark, lambda: integrated_gradients(lenet, x[:n], y[:n], n_steps=steps), rounds=3)
+    maps: list[torch.Tensor] = []
+    ours = _timed(benchmark, lambda: maps.append(integrated_gradients(lenet, x[:n], y[:n], n_steps=steps)), rounds=3)
     xs, ys = x[:n].repeat_interleave(steps, 0), y[:n].repeat_interleave(steps, 0)  # the same batch size
     raw = _best(lambda: _raw_forward_backward(lenet, xs, ys), rounds=3)
-    record(benchmark, "IG(50) throughput vs raw fwd+bwd (5000 points)", ours, raw, 0.7)
+    ratio = record(benchmark, "IG(50) throughput vs raw fwd+bwd (5000 points)", ours, raw, 0.7)
     benchmark.extra_info["path_points_per_s"] = n * steps / ours
     benchmark.extra_info["raw_images_per_s"] = n * steps / raw
+    _check_floor(ratio, "ig")
+    # the timed path is a complete IG: the maps sum to the logit gap from the black image (completeness)
+    with torch.no_grad():
+        gap = (lenet(x[:n]) - lenet(torch.zeros_like(x[:n]))).gather(1, y[:n, None]).squeeze(1)
+    assert ((maps[-1].sum((1, 2)) - gap).abs() <= 0.05 * gap.abs() + 1e-3).float().mean() > 0.9
 
 
 # ----------------------------------------------------------------------- 224x224 RGB imputation
@@ -282,8 +335,10 @@ def test_imputation_224_rgb_vs_scipy(benchmark, record, kind):
     err = max(
         float(np.abs(check[i].double().numpy() - _scipy_imputation(stack64[i], masks_np[i])).max()) for i in (0, 10, 19)
     )
-    record(
+    ratio = record(
         benchmark, f"224x224 RGB imputation, 20 levels ({kind})", ours, ref, 10.0,
         images=n, max_abs_err_vs_scipy=f"{err:.1e}",
         peak_rss_mib_ours=_peak_mib(kind, n, True), peak_rss_mib_scipy=_peak_mib(kind, n, False),
     )  # fmt: skip
+    _check_floor(ratio, f"imputation_{kind}")
+    assert err < 1e-5, f"imputation differs from scipy spsolve by {err:.1e} (PROTOCOL §3: 1e-5)"

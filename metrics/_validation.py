@@ -1,13 +1,17 @@
 """Input checks shared by the metric functions.
 
 Every public metric calls these first, so a bad input fails with a ``ValueError`` that names
-the argument, what was expected and what was received, before any work is done.
+the argument, what was expected and what was received, before any work is done. The metrics
+that call a model run it inside :class:`EvalMode` and check its outputs with :func:`logits_of`
+(PROTOCOL §1: [0, 1] images in, (B, K) logits out).
 """
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 
 def check_tensor(t: object, name: str) -> None:
@@ -61,11 +65,123 @@ def check_finite(t: Tensor, name: str) -> None:
 
 
 def check_images(x: Tensor, name: str = "x") -> None:
-    """A floating, finite, non-empty ``(B, C, H, W)`` image batch."""
+    """A floating, finite, non-empty, channels-first ``(B, C, H, W)`` image batch."""
     check_rank(x, name, "B C H W")
     check_nonempty(x, name)
+    check_channels_first(x, name)
     check_floating(x, name)
     check_finite(x, name)
+
+
+def check_channels_first(x: Tensor, name: str = "x") -> None:
+    """Reject a channels-last ``(B, H, W, C)`` batch (C of 1 or 3, H and W above 4)."""
+    _, d1, d2, d3 = x.shape
+    if d3 in (1, 3) and d1 > 4 and d2 > 4:
+        raise ValueError(
+            f"{name} has shape {tuple(x.shape)}, which looks channels-last (B, H, W, C); the metrics take "
+            f"channels-first (B, C, H, W) images: pass {name}.permute(0, 3, 1, 2)"
+        )
+
+
+def check_pixel_range(x: Tensor, name: str = "x", high: float = 1.0) -> None:
+    """Images in [0, 1] pixel space (PROTOCOL §1), values up to ``high`` allowed (up to rounding).
+
+    The explainers pass ``high = 1 + ROS_NOISE_HIGH``: ROS (PROTOCOL §3) explains one-sided,
+    unclipped perturbations of [0, 1] images, from this library or from quantus.
+    """
+    lo, hi = (float(v) for v in torch.aminmax(x))
+    if lo < 0 or hi > high * (1 + 4 * torch.finfo(x.dtype).eps):
+        hint = (
+            "divide 0-255 images by 255"
+            if lo >= 0 and hi <= 255
+            else "pass unnormalised images and put the mean/std normalisation inside the model"
+        )
+        raise ValueError(
+            f"{name} must hold images in [0, 1] pixel space (PROTOCOL §1), got values in "
+            f"[{lo:.4g}, {hi:.4g}]; {hint}"
+        )
+
+
+def check_targets(y: Tensor, batch: int, name: str = "y") -> int:
+    """Non-negative integer labels ``(B,)`` matching the batch; returns the largest label."""
+    check_labels(y, batch, name)
+    lo, hi = (int(v) for v in torch.aminmax(y))
+    if lo < 0:
+        raise ValueError(f"{name} must hold non-negative class indices, got min {lo}")
+    return hi
+
+
+def check_model(model: object) -> None:
+    """Raise ``ValueError`` unless ``model`` is callable."""
+    if not callable(model):
+        raise ValueError(f"model must be a callable nn.Module, got {type(model).__name__}")
+
+
+def check_logits(out: object, batch: int, max_label: int | None = None, name: str = "y") -> Tensor:
+    """A model output must be a ``(batch, K)`` logits tensor with ``K > max_label``; returns it."""
+    if not isinstance(out, Tensor):
+        raise ValueError(
+            f"model must return a logits tensor of shape (B, K), got a {type(out).__name__}; wrap it in an "
+            f"nn.Module whose forward returns only the logits"
+        )
+    if out.dim() != 2 or out.shape[0] != batch:
+        raise ValueError(
+            f"model must return logits of shape (B, K) = ({batch}, K) for {batch} image(s), "
+            f"got shape {tuple(out.shape)}"
+        )
+    if max_label is not None and max_label >= out.shape[1]:
+        raise ValueError(
+            f"{name} holds class {max_label} but the model returns {out.shape[1]} logits (classes 0 to "
+            f"{out.shape[1] - 1}); check the labels or the model's number of classes"
+        )
+    return out
+
+
+def logits_of(model: Callable[[Tensor], object], max_label: int | None = None) -> Callable[[Tensor], Tensor]:
+    """``model`` as a function whose every output passes :func:`check_logits` (for captum and ROAD)."""
+
+    def forward(inputs: Tensor) -> Tensor:
+        return check_logits(model(inputs), inputs.shape[0], max_label)
+
+    return forward
+
+
+class EvalMode:
+    """Run a model in evaluation mode with frozen parameters; restore the caller's state afterwards.
+
+    On entry every submodule is put in eval mode (BatchNorm uses its running statistics and
+    does not update them, dropout is off) and every parameter gets ``requires_grad=False``
+    (gradients flow to the inputs only). On exit, also when the block raises, each submodule's
+    ``training`` flag and each parameter's ``requires_grad`` flag are set back to what they
+    were. A callable that is not an ``nn.Module`` is left alone. Nesting is allowed.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2)).train()
+        >>> with EvalMode(model):
+        ...     model.training, model[0].weight.requires_grad
+        (False, False)
+        >>> model.training, model[0].weight.requires_grad
+        (True, True)
+    """
+
+    def __init__(self, model: object) -> None:
+        self.model = model
+
+    def __enter__(self) -> object:
+        if isinstance(self.model, nn.Module):
+            self._modes = [(m, m.training) for m in self.model.modules()]
+            self._flags = [(p, p.requires_grad) for p in self.model.parameters()]
+            self.model.eval()
+            for p, _ in self._flags:
+                p.requires_grad_(False)
+        return self.model
+
+    def __exit__(self, *exc_info: object) -> None:
+        if isinstance(self.model, nn.Module):
+            for module, training in self._modes:
+                module.training = training
+            for p, requires_grad in self._flags:
+                p.requires_grad_(requires_grad)
 
 
 def check_maps(maps: Tensor, name: str = "maps") -> None:

@@ -1,8 +1,9 @@
 """Gradient saliency maps (PROTOCOL §2 "Attributions").
 
 Both explainers return one (B, H, W) map per image, summed over channels, for the target class
-``y`` (the true label). They run on the device and in the dtype of ``x``. Putting the model in
-evaluation mode (``model.eval()``) is the caller's job: the explainers never change the model.
+``y`` (the true label). They run on the device and in the dtype of ``x``, with the model in
+evaluation mode (:class:`metrics._validation.EvalMode`: a model handed over in train mode is
+evaluated in eval mode and given back in train mode, BatchNorm statistics untouched).
 Any callable with the :data:`Explainer` signature can be passed to the stability metrics.
 """
 
@@ -14,8 +15,8 @@ import torch
 from captum.attr import IntegratedGradients, Saliency
 from torch import Tensor, nn
 
-from metrics._validation import check_images, check_labels
-from metrics.protocol import IG_METHOD, IG_STEPS
+from metrics._validation import EvalMode, check_images, check_model, check_pixel_range, check_targets, logits_of
+from metrics.protocol import IG_METHOD, IG_STEPS, ROS_NOISE_HIGH
 
 #: ``explainer(model, x (B, C, H, W), y (B,)) -> maps (B, H, W)``.
 Explainer = Callable[[nn.Module, Tensor, Tensor], Tensor]
@@ -23,13 +24,15 @@ Explainer = Callable[[nn.Module, Tensor, Tensor], Tensor]
 __all__ = ["Explainer", "vanilla_gradient", "integrated_gradients"]
 
 
-def _check_inputs(model: nn.Module, x: Tensor, y: Tensor) -> None:
-    if not callable(model):
-        raise ValueError(f"model must be a callable nn.Module, got {type(model).__name__}")
+def _check_inputs(model: nn.Module, x: Tensor, y: Tensor) -> int:
+    """PROTOCOL §1 inputs; returns the largest label (checked against the logits width later).
+
+    Values up to ``1 + ROS_NOISE_HIGH`` pass: ROS explains unclipped perturbations (PROTOCOL §3).
+    """
+    check_model(model)
     check_images(x)
-    check_labels(y, x.shape[0])
-    if bool((y < 0).any()):
-        raise ValueError(f"y must hold non-negative class indices, got min {int(y.min())}")
+    check_pixel_range(x, high=1.0 + ROS_NOISE_HIGH)
+    return check_targets(y, x.shape[0])
 
 
 def vanilla_gradient(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
@@ -38,16 +41,20 @@ def vanilla_gradient(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
     captum ``Saliency`` with the protocol's settings.
 
     Args:
-        model: classifier mapping (B, C, H, W) images in [0, 1] to (B, K) logits, in eval mode.
-        x: images (B, C, H, W). Not modified; gradients flow through a detached copy.
+        model: classifier mapping (B, C, H, W) images in [0, 1] to a (B, K) logits tensor. Run in
+            eval mode with frozen parameters; its modes and ``requires_grad`` flags are restored.
+        x: images (B, C, H, W) in [0, 1] (up to ``1 + ROS_NOISE_HIGH`` for ROS's unclipped
+            perturbations, PROTOCOL §3). Not modified; gradients flow through a detached copy.
         y: target classes (B,), integer.
 
     Returns:
         maps (B, H, W), non-negative, same dtype and device as ``x``, detached.
 
     Raises:
-        ValueError: if ``x`` is not a finite floating (B, C, H, W) tensor with B > 0, or ``y``
-            is not an integer (B,) tensor of non-negative labels.
+        ValueError: if ``x`` is not a finite floating channels-first (B, C, H, W) tensor with
+            B > 0 and values in [0, 1] (see ``x``), ``y`` is not an integer (B,) tensor of non-negative
+            labels below the model's number of logits, or the model does not return a (B, K)
+            logits tensor.
 
     Example:
         >>> model = nn.Sequential(nn.Flatten(), nn.Linear(4, 2, bias=False))
@@ -57,9 +64,10 @@ def vanilla_gradient(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         tensor([[[1., 2.],
                  [3., 4.]]])
     """
-    _check_inputs(model, x, y)
+    max_label = _check_inputs(model, x, y)
     inputs = x.detach().clone().requires_grad_(True)
-    attr = Saliency(model).attribute(inputs, target=y, abs=True)
+    with EvalMode(model):
+        attr = Saliency(logits_of(model, max_label)).attribute(inputs, target=y, abs=True)
     return attr.detach().sum(dim=1)
 
 
@@ -100,8 +108,9 @@ def integrated_gradients(
     completeness: ``maps.sum((1, 2)) = logit_y(x) - logit_y(0) + delta``.
 
     Args:
-        model: classifier mapping (B, C, H, W) images in [0, 1] to (B, K) logits, in eval mode.
-        x: images (B, C, H, W). Not modified.
+        model: classifier mapping (B, C, H, W) images in [0, 1] to a (B, K) logits tensor, run
+            in eval mode (see :func:`vanilla_gradient`).
+        x: images (B, C, H, W) in [0, 1]. Not modified.
         y: target classes (B,), integer.
         n_steps: number of integration nodes on the path (default: the protocol's).
         internal_batch_size: forwarded to captum; ``None`` evaluates all ``B * n_steps``
@@ -128,7 +137,7 @@ def integrated_gradients(
         >>> bool(delta.abs().max() < 1e-5)
         True
     """
-    _check_inputs(model, x, y)
+    max_label = _check_inputs(model, x, y)
     if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 1:
         raise ValueError(f"n_steps must be a positive integer, got {n_steps!r}")
     if internal_batch_size is not None and (
@@ -136,15 +145,16 @@ def integrated_gradients(
     ):
         raise ValueError(f"internal_batch_size must be a positive integer or None, got {internal_batch_size!r}")
     inputs = x.detach()
-    result = IntegratedGradients(model).attribute(
-        inputs,
-        baselines=0,
-        target=y,
-        n_steps=n_steps,
-        method=IG_METHOD,
-        internal_batch_size=internal_batch_size,
-        return_convergence_delta=return_convergence_delta,
-    )
+    with EvalMode(model):
+        result = IntegratedGradients(logits_of(model, max_label)).attribute(
+            inputs,
+            baselines=0,
+            target=y,
+            n_steps=n_steps,
+            method=IG_METHOD,
+            internal_batch_size=internal_batch_size,
+            return_convergence_delta=return_convergence_delta,
+        )
     if return_convergence_delta:
         attr, delta = result
         return attr.detach().sum(dim=1), delta.detach()

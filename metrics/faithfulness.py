@@ -17,12 +17,16 @@ from torch import Tensor, nn
 
 from metrics._imputation_solver import solve_imputation
 from metrics._validation import (
+    EvalMode,
     check_images,
-    check_labels,
     check_maps_match_images,
+    check_model,
     check_nonempty,
+    check_pixel_range,
     check_rank,
+    check_targets,
     default_generator,
+    logits_of,
     randn_like,
 )
 from metrics.protocol import ROAD_NOISE, ROAD_PERCENTAGES
@@ -68,7 +72,7 @@ def noisy_linear_imputation(
         imputed images (B, C, H, W), same dtype and device as ``x``.
 
     Raises:
-        ValueError: if ``x`` is not a non-empty finite floating (B, C, H, W) tensor, ``mask`` is
+        ValueError: if ``x`` is not a non-empty finite floating channels-first (B, C, H, W) tensor, ``mask`` is
             not a bool (B, H, W) tensor matching ``x``, a mask removes every pixel of an image,
             or ``noise`` is negative or not finite.
 
@@ -142,8 +146,9 @@ def road_curve(
     from ``generator``, so the result does not depend on ``batch_size``.
 
     Args:
-        model: classifier (B, C, H, W) -> (B, K) logits, in eval mode.
-        x: images (B, C, H, W).
+        model: classifier (B, C, H, W) in [0, 1] -> (B, K) logits tensor; run in eval mode with
+            frozen parameters, its modes and ``requires_grad`` flags restored afterwards.
+        x: images (B, C, H, W) in [0, 1].
         y: true labels (B,).
         maps: saliency maps (B, H, W), signed values are used as they are.
         percentages: removal levels in percent, L of them (default: the protocol's 20).
@@ -159,8 +164,10 @@ def road_curve(
 
     Raises:
         ValueError: on a malformed ``x``, ``y`` or ``maps`` (wrong rank, batch-size mismatch,
-            NaN/inf, empty batch), an empty or out-of-range ``percentages`` (a level that
-            removes every pixel), a negative ``noise`` or a non-positive ``batch_size``.
+            NaN/inf, empty batch, channels-last or outside [0, 1] images, a negative label or
+            one beyond the logits), an empty or out-of-range ``percentages`` (a level that
+            removes every pixel), a negative ``noise``, a non-positive ``batch_size``, or a
+            model that does not return a (B, K) logits tensor.
 
     Example:
         >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 2))
@@ -169,10 +176,10 @@ def road_curve(
         >>> road_curve(model, x, torch.tensor([0, 1]), maps, percentages=(10, 50, 90)).shape
         torch.Size([2, 3])
     """
-    if not callable(model):
-        raise ValueError(f"model must be a callable nn.Module, got {type(model).__name__}")
+    check_model(model)
     check_images(x)
-    check_labels(y, x.shape[0])
+    check_pixel_range(x)
+    max_label = check_targets(y, x.shape[0])
     check_maps_match_images(maps, x)
     _check_noise(noise)
     batch, channels, height, width = x.shape
@@ -192,23 +199,25 @@ def road_curve(
     k = torch.tensor(counts, device=rank.device)
 
     correct = torch.empty(batch, levels, dtype=torch.bool, device=x.device)
-    for start in range(0, batch, batch_size):
-        sl = slice(start, start + batch_size)
-        xb, b = x[sl], x[sl].shape[0]
-        removed = (rank[sl, None, :] < k[None, :, None]).view(b * levels, height, width).to(x.device)
-        stack = xb.unsqueeze(1).expand(b, levels, channels, height, width).reshape(b * levels, channels, height, width)
-        filled = solve_imputation(stack, removed)
-        if noise > 0:
-            eps = torch.cat(
-                [
-                    randn_like(xb[:1].expand(levels, channels, height, width), _image_generator(seed, generator))
-                    for seed in seeds[start : start + b]
-                ]
-            )
-            filled.addcmul_(eps, removed.to(x.dtype).unsqueeze(1), value=noise)
-        with torch.no_grad():
-            pred = model(filled).argmax(dim=1)
-        correct[sl] = pred.view(b, levels) == y[sl].unsqueeze(1)
+    classify = logits_of(model, max_label)
+    with EvalMode(model):
+        for start in range(0, batch, batch_size):
+            sl = slice(start, start + batch_size)
+            xb, b = x[sl], x[sl].shape[0]
+            removed = (rank[sl, None, :] < k[None, :, None]).view(b * levels, height, width).to(x.device)
+            stack = xb.unsqueeze(1).expand(b, levels, channels, height, width)
+            filled = solve_imputation(stack.reshape(b * levels, channels, height, width), removed)
+            if noise > 0:
+                eps = torch.cat(
+                    [
+                        randn_like(xb[:1].expand(levels, channels, height, width), _image_generator(seed, generator))
+                        for seed in seeds[start : start + b]
+                    ]
+                )
+                filled.addcmul_(eps, removed.to(x.dtype).unsqueeze(1), value=noise)
+            with torch.no_grad():
+                pred = classify(filled).argmax(dim=1)
+            correct[sl] = pred.view(b, levels) == y[sl].unsqueeze(1)
     return correct
 
 

@@ -15,12 +15,16 @@ import torch
 from torch import Tensor, nn
 
 from metrics._validation import (
+    EvalMode,
     check_finite,
     check_images,
-    check_labels,
+    check_logits,
     check_maps,
     check_maps_match_images,
+    check_model,
+    check_pixel_range,
     check_rank,
+    check_targets,
     default_generator,
     rand_like,
     randn_like,
@@ -166,11 +170,6 @@ class SSIMUnderNoise(NamedTuple):
     kept: Tensor
 
 
-def _check_model(model: object) -> None:
-    if not callable(model):
-        raise ValueError(f"model must be a callable nn.Module, got {type(model).__name__}")
-
-
 def _check_explainer(explainer: object) -> None:
     if not callable(explainer):
         raise ValueError(f"explainer must be callable as explainer(model, x, y), got {type(explainer).__name__}")
@@ -184,12 +183,14 @@ def _explain(explainer: Explainer, model: nn.Module, x: Tensor, y: Tensor) -> Te
     return maps.detach()
 
 
-def _logits(model: nn.Module, x: Tensor) -> Tensor:
+def _logits(model: nn.Module, x: Tensor, max_label: int) -> Tensor:
     with torch.no_grad():
-        return model(x)
+        return check_logits(model(x), x.shape[0], max_label)
 
 
-def _explain_and_predict(explainer: Explainer, model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+def _explain_and_predict(
+    explainer: Explainer, model: nn.Module, x: Tensor, y: Tensor, max_label: int
+) -> tuple[Tensor, Tensor]:
     """``(explainer(model, x, y), model(x))``, re-using the explainer's own forward pass on x.
 
     Gradient explainers such as :func:`vanilla_gradient` call ``model`` on exactly ``x``: a
@@ -215,7 +216,9 @@ def _explain_and_predict(explainer: Explainer, model: nn.Module, x: Tensor, y: T
     finally:
         if handle is not None:
             handle.remove()
-    return maps, (captured[0] if captured else _logits(model, x))
+    if captured:
+        return maps, check_logits(captured[0], x.shape[0], max_label)
+    return maps, _logits(model, x, max_label)
 
 
 def ssim_under_noise(
@@ -235,8 +238,9 @@ def ssim_under_noise(
     aggregate per σ is ``scores[s][kept[s]].mean()``, reported with ``kept[s].float().mean()``.
 
     Args:
-        model: classifier (B, C, H, W) in [0, 1] -> (B, K) logits, in eval mode.
-        x: images (B, C, H, W).
+        model: classifier (B, C, H, W) in [0, 1] -> (B, K) logits tensor; run in eval mode with
+            frozen parameters, its modes and ``requires_grad`` flags restored afterwards.
+        x: images (B, C, H, W) in [0, 1].
         y: true labels (B,), the attribution target.
         explainer: ``explainer(model, x, y) -> (B, H, W)``, e.g. :func:`vanilla_gradient`.
         sigmas: noise standard deviations in [0, 1] pixel space, S of them.
@@ -249,8 +253,9 @@ def ssim_under_noise(
 
     Raises:
         ValueError: on a malformed ``x``, ``y`` or ``maps`` (wrong rank, batch-size mismatch,
-            NaN/inf, empty batch), a negative or non-finite σ, an empty ``sigmas``, or an
-            explainer that returns the wrong shape.
+            NaN/inf, empty batch, channels-last or outside [0, 1] images, a label beyond the
+            logits), a negative or non-finite σ, an empty ``sigmas``, an explainer that returns
+            the wrong shape, or a model that does not return a (B, K) logits tensor.
 
     Example:
         >>> from metrics.attributions import vanilla_gradient
@@ -262,28 +267,30 @@ def ssim_under_noise(
         >>> bool((out.scores == 1).all())  # the gradient of a linear model does not depend on x
         True
     """
-    _check_model(model)
+    check_model(model)
     _check_explainer(explainer)
     check_images(x)
-    check_labels(y, x.shape[0])
+    check_pixel_range(x)
+    max_label = check_targets(y, x.shape[0])
     sigmas = tuple(sigmas)
     if not sigmas:
         raise ValueError("sigmas is empty; pass at least one noise level")
     for sigma in sigmas:
         if not (isinstance(sigma, (int, float)) and math.isfinite(sigma) and sigma >= 0):
             raise ValueError(f"every sigma must be a finite number >= 0, got {sigma!r}")
-    if maps is None:
-        maps = _explain(explainer, model, x, y)
-    else:
+    if maps is not None:
         check_maps_match_images(maps, x)
     generator = default_generator(generator, x.device)
 
-    scores, kept = [], []
-    for sigma in sigmas:
-        noisy = (x + sigma * randn_like(x, generator)).clamp_(0.0, 1.0)
-        noisy_maps, noisy_logits = _explain_and_predict(explainer, model, noisy, y)
-        kept.append(noisy_logits.argmax(dim=1) == y)
-        scores.append(ssim(maps, noisy_maps.to(maps.dtype)))
+    with EvalMode(model):
+        if maps is None:
+            maps = _explain(explainer, model, x, y)
+        scores, kept = [], []
+        for sigma in sigmas:
+            noisy = (x + sigma * randn_like(x, generator)).clamp_(0.0, 1.0)
+            noisy_maps, noisy_logits = _explain_and_predict(explainer, model, noisy, y, max_label)
+            kept.append(noisy_logits.argmax(dim=1) == y)
+            scores.append(ssim(maps, noisy_maps.to(maps.dtype)))
     return SSIMUnderNoise(torch.stack(scores), torch.stack(kept))
 
 
@@ -309,8 +316,9 @@ def relative_output_stability(
     flipped samples out of the maximum (NaN only if every sample flips).
 
     Args:
-        model: classifier (B, C, H, W) -> (B, K) logits, in eval mode.
-        x: images (B, C, H, W).
+        model: classifier (B, C, H, W) in [0, 1] -> (B, K) logits tensor; run in eval mode with
+            frozen parameters, its modes and ``requires_grad`` flags restored afterwards.
+        x: images (B, C, H, W) in [0, 1].
         y: true labels (B,), the attribution target.
         explainer: ``explainer(model, x, y) -> (B, H, W)``.
         n_samples: number of perturbations per image (default: the protocol's).
@@ -326,8 +334,9 @@ def relative_output_stability(
 
     Raises:
         ValueError: on a malformed ``x``, ``y``, ``maps`` or ``logits`` (wrong rank, batch-size
-            mismatch, NaN/inf, empty batch), ``n_samples < 1``, an unknown ``variant``, or an
-            explainer that returns the wrong shape.
+            mismatch, NaN/inf, empty batch, channels-last or outside [0, 1] images, a label
+            beyond the logits), ``n_samples < 1``, an unknown ``variant``, an explainer that
+            returns the wrong shape, or a model that does not return a (B, K) logits tensor.
 
     Example:
         >>> from metrics.attributions import vanilla_gradient
@@ -339,29 +348,47 @@ def relative_output_stability(
         >>> bool((relative_output_stability(model, x, y, vanilla_gradient).nan_to_num(0.0) == 0).all())
         True
     """
-    _check_model(model)
+    check_model(model)
     _check_explainer(explainer)
     check_images(x)
-    check_labels(y, x.shape[0])
+    check_pixel_range(x)
+    max_label = check_targets(y, x.shape[0])
     if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
         raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}")
     if variant not in ("paper", "agarwal"):
         raise ValueError(f"variant must be 'paper' or 'agarwal', got {variant!r}")
-    if maps is None:
-        maps = _explain(explainer, model, x, y)
-    else:
+    if maps is not None:
         check_maps_match_images(maps, x)
-    if logits is None:
-        logits = _logits(model, x)
-    else:
+    if logits is not None:
         check_rank(logits, "logits", "B K")
         if logits.shape[0] != x.shape[0]:
             raise ValueError(
                 f"batch size mismatch: x has shape {tuple(x.shape)} but logits has shape {tuple(logits.shape)}"
             )
         check_finite(logits, "logits")
+        check_logits(logits, x.shape[0], max_label)
     generator = default_generator(generator, x.device)
+    with EvalMode(model):
+        if maps is None:
+            maps = _explain(explainer, model, x, y)
+        if logits is None:
+            logits = _logits(model, x, max_label)
+        return _ros(explainer, model, x, y, maps, logits, n_samples, variant, generator, max_label)
 
+
+def _ros(
+    explainer: Explainer,
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    maps: Tensor,
+    logits: Tensor,
+    n_samples: int,
+    variant: str,
+    generator: torch.Generator,
+    max_label: int,
+) -> Tensor:
+    """The body of :func:`relative_output_stability` on checked inputs, model in eval mode."""
     e = maps.flatten(1)
     e_safe = e + ROS_EPS * (e == 0)
     h = logits.detach().to(e.dtype)
@@ -371,7 +398,7 @@ def relative_output_stability(
     ratios = []
     for _ in range(n_samples):
         noise = rand_like(x, generator) * (ROS_NOISE_HIGH - ROS_NOISE_LOW) + ROS_NOISE_LOW
-        e_p, h_p = _explain_and_predict(explainer, model, x + noise, y)
+        e_p, h_p = _explain_and_predict(explainer, model, x + noise, y, max_label)
         e_p, h_p = e_p.flatten(1).to(e.dtype), h_p.to(e.dtype)
         numerator = torch.linalg.vector_norm((e - e_p) / e_safe, dim=1)
         if variant == "paper":

@@ -22,9 +22,13 @@ def _run(args, env):
     return out
 
 
-def test_cli_pipeline_on_tiny_recipes(tmp_path):
-    env = {**os.environ, "SALBENCH_ZOO_DIR": str(tmp_path / "zoo"), "SALBENCH_IMAGESETS_DIR": str(tmp_path / "sets"),
-           "SALBENCH_LEADERBOARDS_DIR": str(tmp_path / "lb"), "OMP_NUM_THREADS": "1"}
+def _env(tmp_path):
+    return {**os.environ, "SALBENCH_ZOO_DIR": str(tmp_path / "zoo"), "SALBENCH_IMAGESETS_DIR": str(tmp_path / "sets"),
+            "SALBENCH_LEADERBOARDS_DIR": str(tmp_path / "lb"), "OMP_NUM_THREADS": "1"}
+
+
+def _tiny_zoo_and_set(tmp_path, env) -> list[Path]:
+    """Train the tiny N, A and G recipes into a private zoo and build a 20-image set from them."""
     for v in ("N", "A", "G"):
         _run(["train", "--dataset", "fmnist", "--variant", v, "--preset", "tiny", "--work-dir", str(tmp_path / "runs"),
               "--quiet"], env)
@@ -33,6 +37,45 @@ def test_cli_pipeline_on_tiny_recipes(tmp_path):
     refs = [f"--ref={json.loads(c.read_text())['variant']}={c.stem}" for c in cards]
     # tiny models agree on few images: a 20-image set
     _run(["imageset", "build", "--dataset", "fmnist", "--n", "20", *refs], env)
+    assert (tmp_path / "sets" / "fmnist.json").is_file()
+    return cards
+
+
+def _train_entry(tmp_path, env, variant: str) -> Path:
+    """A tiny-recipe model trained with seed 1 outside the zoo (a submission candidate): its weights."""
+    entries = tmp_path / "entries"
+    _run(["train", "--dataset", "fmnist", "--variant", variant, "--preset", "tiny", "--seed", "1",
+          "--work-dir", str(tmp_path / "runs-s1"), "--out", str(entries), "--quiet"], env)
+    return next((entries / "checkpoints").glob(f"fmnist-lenet-{variant}-tiny*.safetensors"))
+
+
+def test_cli_pipeline_on_tiny_recipes(tmp_path):
+    """Train, build the set, score all three models on it, write the leaderboard and figures."""
+    env = _env(tmp_path)
+    _tiny_zoo_and_set(tmp_path, env)
+    # the zoo scorer leaves "tiny" presets off the board and a zoo model's weights are not taken as a
+    # submission, so the board gets three more tiny models (seed 1, trained outside the zoo) as entries
+    ids = set()
+    for v in ("N", "A", "G"):
+        weights = _train_entry(tmp_path, env, v)
+        smoothing = ["--smoothing", "gaussian:1"] if v == "G" else []
+        out = _run(["score", str(weights), "--arch", "lenet", "--dataset", "fmnist", "--name", f"tiny {v}",
+                    "--quiet", *smoothing], env)
+        ids.add(f"fmnist-sub-tiny-{v}")
+        assert f"scored fmnist-sub-tiny-{v}" in out.stdout
+    # the main job on this private board: regenerates the leaderboard and draws the figures
+    out = _run(["run", "--dataset", "fmnist", "--quiet"], env)
+    assert all(i in out.stdout for i in ids)  # the printed table
+    results = sorted((tmp_path / "lb" / "results" / "fmnist").glob("*.json"))
+    assert len(results) == 3, [r.name for r in results]
+    df = pd.read_csv(tmp_path / "lb" / "fmnist.csv")
+    assert set(df["id"]) == ids and len(df) == 6  # 3 models x (VG, IG)
+    assert set(df["method"]) == {"VG", "IG"}
+    for col in ("gini", "ssim_mean", "log10_ros", "aopc"):
+        assert df[col].notna().all(), col
+    assert df["gini"].between(0, 1).all()
+    for name in ("fmnist_ssim.csv", "fmnist_road.csv", "figures/fmnist_ssim.png", "figures/fmnist_road.png"):
+        assert (tmp_path / "lb" / name).is_file(), name
 
 
 @pytest.mark.parametrize("variant", ["N"])
@@ -48,10 +91,9 @@ def test_zoo_entry_reproduces_from_its_card(tmp_path, variant):
 
 
 def test_cli_submission_on_tiny_set(tmp_path):
-    env = {**os.environ, "SALBENCH_ZOO_DIR": str(tmp_path / "zoo"), "SALBENCH_IMAGESETS_DIR": str(tmp_path / "sets"),
-           "SALBENCH_LEADERBOARDS_DIR": str(tmp_path / "lb"), "OMP_NUM_THREADS": "1"}
-    test_cli_pipeline_on_tiny_recipes(tmp_path)
-    weights = next((tmp_path / "zoo" / "checkpoints").glob("fmnist-lenet-G-tiny-*.safetensors"))
+    env = _env(tmp_path)
+    _tiny_zoo_and_set(tmp_path, env)
+    weights = _train_entry(tmp_path, env, "G")
     out = _run(["score", str(weights), "--arch", "lenet", "--dataset", "fmnist", "--name", "tiny G",
                 "--smoothing", "gaussian:1", "--quiet"], env)
     assert "scored fmnist-sub-tiny-G" in out.stdout
