@@ -69,9 +69,12 @@ def _cis(results: list[dict]) -> dict[tuple[str, str], dict]:
     return out
 
 
-def leaderboard_tables(results: list[dict], *, stats: bool = True) -> dict[str, pd.DataFrame]:
+def leaderboard_tables(results: list[dict], *, stats: bool = True,
+                       autoattack: dict[str, float] | None = None) -> dict[str, pd.DataFrame]:
     """Results -> ``{"main", "ssim", "road"}`` DataFrames (no I/O). With ``stats``, every
-    aggregate carries its bootstrap interval (``_lo``/``_hi`` columns)."""
+    aggregate carries its bootstrap interval (``_lo``/``_hi`` columns). ``autoattack``:
+    checkpoint sha256 -> AutoAttack robust accuracy (from the zoo cards), NaN where unknown."""
+    autoattack = autoattack or {}
     rows, ssim_rows, road_rows = [], [], []
     results = sorted(results, key=_row_key)
     cis = _cis(results) if stats else {}
@@ -92,6 +95,7 @@ def leaderboard_tables(results: list[dict], *, stats: bool = True) -> dict[str, 
                 "arch": m.get("arch"), "source": m.get("source"),
                 "natural_acc": acc.get("natural", m.get("natural_accuracy")),
                 "robust_acc": acc.get("robust", m.get("robust_accuracy")),
+                "autoattack_acc": autoattack.get(m["sha256"], float("nan")),
             }
             put(row, "acc_on_set", acc["on_set"])
             put(row, "gini", s["gini"])
@@ -251,6 +255,14 @@ def _recipe_id(table: dict, arm: str, seed: int) -> str:
     return recipe_of({"id": table[(arm, seed)]})
 
 
+def _autoattack_by_sha(dataset: str) -> dict[str, float]:
+    """Checkpoint sha256 -> AutoAttack robust accuracy written on its card (``salbench zoo autoattack``)."""
+    from model_zoo.zoo import list_cards
+
+    return {c["sha256"]: float(c["autoattack"]["robust_accuracy"]) for c in list_cards(dataset)
+            if isinstance(c.get("autoattack"), dict) and "robust_accuracy" in c["autoattack"]}
+
+
 def _reference_ids(dataset: str) -> dict[str, str]:
     """variant -> id of the image set's reference models (what submissions are compared with)."""
     import json
@@ -271,7 +283,7 @@ def write_leaderboard(dataset: str, *, results_root: Path | None = None, out_dir
         reference_ids = _reference_ids(dataset)
     out = out_dir or leaderboards_dir()
     results = list_results(dataset, root=results_root, images_sha256=images_sha256)
-    tables = leaderboard_tables(results)
+    tables = leaderboard_tables(results, autoattack=_autoattack_by_sha(dataset))
     claim_pairs = tuple(dict.fromkeys((c.model, c.reference) for c in C.claims_for(dataset)))
     tables["comparisons"] = comparisons_table(results, reference_ids, claim_pairs)
     tables["variants"] = variants_table(tables["main"])
@@ -291,7 +303,7 @@ def write_leaderboard(dataset: str, *, results_root: Path | None = None, out_dir
 
 def markdown_table(df: pd.DataFrame) -> str:
     """The README's compact view of a wide leaderboard (intervals where the CSV has them)."""
-    cols = ["id", "method", "natural_acc", "robust_acc", "gini", "ssim_mean", "log10_ros", "ros_nan_fraction", "aopc"]
+    cols = ["id", "method", "natural_acc", "robust_acc", "autoattack_acc", "gini", "ssim_mean", "log10_ros", "ros_nan_fraction", "aopc"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for _, r in df.iterrows():
         cells = []
