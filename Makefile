@@ -27,11 +27,11 @@ setup: $(STAMP) data
 
 # FMNIST: Debian's dataset-fashion-mnist when we are root with apt, else torchvision's download
 data: $(STAMP)
-	@$(BIN)/python -c "from model_zoo.data import load_split; load_split('fmnist', 'train', download=False); load_split('fmnist', 'test', download=False)" 2>/dev/null || { \
+	@$(BIN)/python -c "from salbench.model_zoo.data import load_split; load_split('fmnist', 'train', download=False); load_split('fmnist', 'test', download=False)" 2>/dev/null || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist) >/dev/null || true; \
 	  fi; \
-	  $(BIN)/python -c "from model_zoo.data import load_split; s = load_split('fmnist', 'train'); t = load_split('fmnist', 'test'); print('FMNIST from', t.source)"; }
+	  $(BIN)/python -c "from salbench.model_zoo.data import load_split; s = load_split('fmnist', 'train'); t = load_split('fmnist', 'test'); print('FMNIST from', t.source)"; }
 
 # FMNIST always; CIFAR-10 too where its files are (SALBENCH_CIFAR10_DIR). Committed results are re-used.
 run: setup

@@ -23,8 +23,8 @@ def _threads(n: int | None) -> None:
 
 
 def cmd_train(args) -> int:
-    from model_zoo.recipes import get_recipe
-    from model_zoo.training import train
+    from salbench.model_zoo.recipes import get_recipe
+    from salbench.model_zoo.training import train
 
     recipe = get_recipe(args.dataset, args.preset, args.variant, placement=args.placement, seed=args.seed)
     train(recipe, work_dir=args.work_dir, out_dir=args.out, resume=not args.no_resume, device=args.device,
@@ -33,7 +33,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_zoo_list(args) -> int:
-    from model_zoo.zoo import list_cards
+    from salbench.model_zoo.zoo import list_cards
 
     cards = list_cards(args.dataset)
     if not cards:
@@ -47,7 +47,7 @@ def cmd_zoo_list(args) -> int:
 
 
 def cmd_zoo_presets(args) -> int:
-    from model_zoo.recipes import PRESETS
+    from salbench.model_zoo.recipes import PRESETS
 
     for key, p in sorted(PRESETS.items()):
         if args.dataset in (None, p.dataset):
@@ -60,9 +60,9 @@ def cmd_zoo_presets(args) -> int:
 def cmd_zoo_autoattack(args) -> int:
     """AutoAttack (standard, L∞, the dataset's ε) on the first 1000 test images of each zoo
     model that has no such number yet (or all with --force); written onto its card."""
-    from model_zoo import zoo
-    from model_zoo.autoattack import autoattack_card_entry
-    from model_zoo.data import load_split
+    from salbench.model_zoo import zoo
+    from salbench.model_zoo.autoattack import autoattack_card_entry
+    from salbench.model_zoo.data import load_split
 
     cards = zoo.list_cards(args.dataset)
     if args.only:
@@ -94,7 +94,7 @@ def cmd_zoo_autoattack(args) -> int:
 
 
 def _config(args):
-    from benchmark.scoring import ScoreConfig
+    from salbench.benchmark.scoring import ScoreConfig
 
     kw = {"device": args.device}
     if getattr(args, "batch_size", None):
@@ -105,7 +105,7 @@ def _config(args):
 
 
 def cmd_imageset(args) -> int:
-    from benchmark.imagesets import REFERENCE_MODELS, build_imageset, load_imageset
+    from salbench.benchmark.imagesets import REFERENCE_MODELS, build_imageset, load_imageset
 
     if args.imageset_command == "build":
         refs = dict(REFERENCE_MODELS[args.dataset])
@@ -123,15 +123,15 @@ def cmd_imageset(args) -> int:
 def _print_table(dataset: str) -> None:
     import pandas as pd
 
-    from benchmark.leaderboard import markdown_table
-    from benchmark.results import leaderboards_dir
+    from salbench.benchmark.leaderboard import markdown_table
+    from salbench.benchmark.results import leaderboards_dir
 
     df = pd.read_csv(leaderboards_dir() / f"{dataset}.csv")
     print(markdown_table(df) if len(df) else f"(no rows in {dataset}.csv)")
 
 
 def cmd_leaderboard(args) -> int:
-    from benchmark.harness import score_zoo
+    from salbench.benchmark.harness import score_zoo
 
     only = [i for part in args.only for i in part.split(",") if i] if getattr(args, "only", None) else None
     score_zoo(args.dataset, rescore=args.rescore, config=_config(args), progress=not args.quiet, only=only)
@@ -140,10 +140,10 @@ def cmd_leaderboard(args) -> int:
 
 
 def cmd_figures(args) -> int:
-    from benchmark.figures import road_figure, saliency_grid, ssim_figure
-    from benchmark.harness import zoo_cards
-    from benchmark.imagesets import load_imageset
-    from model_zoo import zoo
+    from salbench.benchmark.figures import road_figure, saliency_grid, ssim_figure
+    from salbench.benchmark.harness import zoo_cards
+    from salbench.benchmark.imagesets import load_imageset
+    from salbench.model_zoo import zoo
 
     paths = [ssim_figure(args.dataset), road_figure(args.dataset)]
     by_variant = {c["variant"]: c["id"] for c in zoo_cards(args.dataset)}
@@ -162,8 +162,8 @@ def cmd_run(args) -> int:
 
 
 def cmd_score(args) -> int:
-    from benchmark.harness import submit
-    from benchmark.submit import SubmissionError
+    from salbench.benchmark.harness import submit
+    from salbench.benchmark.submit import SubmissionError
 
     try:
         # whether a stored result is re-used (and when it was scored) or why it is scored: always said
@@ -186,7 +186,7 @@ def _print_verdicts(dataset: str, model_id: str) -> None:
     """The submission's paired verdicts against the dataset's reference A and G (PROTOCOL §7)."""
     import pandas as pd
 
-    from benchmark.results import leaderboards_dir
+    from salbench.benchmark.results import leaderboards_dir
 
     path = leaderboards_dir() / f"{dataset}_comparisons.csv"
     if not path.is_file():
@@ -209,7 +209,7 @@ def _scoring_args(p) -> None:
                    help="images per scoring batch (default: 250 for fmnist and cifar10, 16 for imagenette)")
     p.add_argument("--methods", default=None,
                    help="comma-separated attribution methods: VG, IG, or any registered with "
-                        "benchmark.scoring.register_explainer (default: VG,IG)")
+                        "salbench.benchmark.scoring.register_explainer (default: VG,IG)")
     p.add_argument("--rescore", action="store_true", help="ignore cached results and score again")
     p.add_argument("--quiet", action="store_true")
 
@@ -297,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     zp.add_argument("--dataset", default=None, choices=DATASETS)
     zp.set_defaults(func=cmd_zoo_presets)
     za = zsub.add_parser("archs", help="list registered architectures")
-    za.set_defaults(func=lambda a: print("\n".join(__import__("model_zoo.architectures", fromlist=["x"]).list_archs())) or 0)
+    za.set_defaults(func=lambda a: print("\n".join(__import__("salbench.model_zoo.architectures", fromlist=["x"]).list_archs())) or 0)
     _finish(p)
     return p
 

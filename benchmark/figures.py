@@ -12,8 +12,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-import metrics  # noqa: E402
-from benchmark.results import leaderboards_dir  # noqa: E402
+from salbench import metrics  # noqa: E402
+from salbench.benchmark.results import leaderboards_dir  # noqa: E402
 
 
 def fig_dir() -> Path:

@@ -8,13 +8,13 @@ from typing import Callable
 
 from filelock import FileLock
 
-from benchmark import results as R
-from benchmark import submit as S
-from benchmark.imagesets import load_imageset
-from benchmark.leaderboard import write_leaderboard
-from benchmark.scoring import ScoreConfig, resolve_config, score
-from model_zoo import zoo
-from model_zoo.data import load_split
+from salbench.benchmark import results as R
+from salbench.benchmark import submit as S
+from salbench.benchmark.imagesets import load_imageset
+from salbench.benchmark.leaderboard import write_leaderboard
+from salbench.benchmark.scoring import ScoreConfig, resolve_config, score
+from salbench.model_zoo import zoo
+from salbench.model_zoo.data import load_split
 
 
 def _lock(dataset: str, out_dir: Path | None = None) -> FileLock:

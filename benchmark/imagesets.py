@@ -11,8 +11,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from model_zoo import zoo
-from model_zoo.data import Split, load_split
+from salbench.model_zoo import zoo
+from salbench.model_zoo.data import Split, load_split
 
 IMAGESETS_DIR = Path(__file__).resolve().parent / "imagesets"
 SET_SIZE = 1000

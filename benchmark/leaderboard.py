@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from benchmark import claims as C
-from benchmark import stats as S
-from benchmark.results import leaderboards_dir, list_results
-from model_zoo.zoo import atomic_write_bytes
+from salbench.benchmark import claims as C
+from salbench.benchmark import stats as S
+from salbench.benchmark.results import leaderboards_dir, list_results
+from salbench.model_zoo.zoo import atomic_write_bytes
 
 VARIANT_ORDER = {"N": 0, "A": 1, "G": 2, "M1": 3, "M2": 4}
 _SEED = re.compile(r"-s(\d+)$")
@@ -257,7 +257,7 @@ def _recipe_id(table: dict, arm: str, seed: int) -> str:
 
 def _autoattack_by_sha(dataset: str) -> dict[str, float]:
     """Checkpoint sha256 -> AutoAttack robust accuracy written on its card (``salbench zoo autoattack``)."""
-    from model_zoo.zoo import list_cards
+    from salbench.model_zoo.zoo import list_cards
 
     return {c["sha256"]: float(c["autoattack"]["robust_accuracy"]) for c in list_cards(dataset)
             if isinstance(c.get("autoattack"), dict) and "robust_accuracy" in c["autoattack"]}
@@ -267,7 +267,7 @@ def _reference_ids(dataset: str) -> dict[str, str]:
     """variant -> id of the image set's reference models (what submissions are compared with)."""
     import json
 
-    from benchmark.imagesets import REFERENCE_MODELS, imageset_path
+    from salbench.benchmark.imagesets import REFERENCE_MODELS, imageset_path
 
     p = imageset_path(dataset)
     if p.is_file():

@@ -16,8 +16,8 @@ import json
 import os
 from pathlib import Path
 
-from metrics.protocol import PROTOCOL_VERSION
-from model_zoo.zoo import atomic_write_bytes
+from salbench.metrics.protocol import PROTOCOL_VERSION
+from salbench.model_zoo.zoo import atomic_write_bytes
 
 DEFAULT_LEADERBOARDS_DIR = Path(__file__).resolve().parent.parent / "leaderboards"
 

@@ -22,10 +22,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-import metrics
-from metrics import protocol as P
-from model_zoo.attacks import natural_accuracy, robust_accuracy
-from model_zoo.data import Split
+from salbench import metrics
+from salbench.metrics import protocol as P
+from salbench.model_zoo.attacks import natural_accuracy, robust_accuracy
+from salbench.model_zoo.data import Split
 
 METHODS = ("VG", "IG")
 ROBUST_EVAL = {  # PROTOCOL §3 "Accuracy"
@@ -135,7 +135,7 @@ def explainer_for(method: str, cfg: ScoreConfig):
     """The explainer of the registered ``method`` under ``cfg`` (see :func:`register_explainer`)."""
     if method not in EXPLAINERS:
         raise ValueError(f"unknown attribution method {method!r}; registered: {', '.join(EXPLAINERS)} "
-                         "(add one with benchmark.scoring.register_explainer)")
+                         "(add one with salbench.benchmark.scoring.register_explainer)")
     return EXPLAINERS[method].build(cfg)
 
 

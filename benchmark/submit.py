@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
-from model_zoo import zoo
-from model_zoo.data import IMAGE_SHAPE, NUM_CLASSES
+from salbench.model_zoo import zoo
+from salbench.model_zoo.data import IMAGE_SHAPE, NUM_CLASSES
 
-from benchmark.results import leaderboards_dir, result_path
+from salbench.benchmark.results import leaderboards_dir, result_path
 
 
 def submissions_root() -> Path:

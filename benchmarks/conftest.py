@@ -42,7 +42,7 @@ def _read_idx(split: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _lenet() -> nn.Module:
     try:  # the zoo's LeNet (PROTOCOL §5), normalisation included
-        from model_zoo.architectures import build
+        from salbench.model_zoo.architectures import build
 
         return build("lenet", num_classes=10)
     except Exception:  # the same layers, if the zoo is not importable
@@ -86,7 +86,7 @@ def lenet(one_thread) -> nn.Module:
 
 @pytest.fixture(scope="session")
 def vg_maps(lenet, fmnist) -> torch.Tensor:
-    from metrics import vanilla_gradient
+    from salbench.metrics import vanilla_gradient
 
     return vanilla_gradient(lenet, *fmnist)
 

@@ -20,9 +20,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-import metrics
-from model_zoo.architectures import build
-from model_zoo.attacks import pgd_linf
+from salbench import metrics
+from salbench.model_zoo.architectures import build
+from salbench.model_zoo.attacks import pgd_linf
 
 
 def _sync(device):

@@ -45,7 +45,7 @@ if Path(os.environ["SALBENCH_LEADERBOARDS_DIR"]).resolve() == (REPO / "leaderboa
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from model_zoo.smoothing import SmoothBlock  # noqa: E402
+from salbench.model_zoo.smoothing import SmoothBlock  # noqa: E402
 
 NEW_FORWARD = SmoothBlock.forward
 
@@ -102,9 +102,9 @@ def compare(new: dict, old: dict) -> dict:
 
 
 def rescore(model_id: str, path: str, imageset, test_split) -> dict:
-    from benchmark import results as R
-    from benchmark.scoring import ScoreConfig, score
-    from model_zoo import zoo
+    from salbench.benchmark import results as R
+    from salbench.benchmark.scoring import ScoreConfig, score
+    from salbench.model_zoo import zoo
 
     SmoothBlock.forward = NEW_FORWARD if path == "new" else reference_forward
     try:
@@ -180,9 +180,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from benchmark.imagesets import load_imageset
-    from model_zoo import zoo
-    from model_zoo.data import load_split
+    from salbench.benchmark.imagesets import load_imageset
+    from salbench.model_zoo import zoo
+    from salbench.model_zoo.data import load_split
 
     store = Path(os.environ["SALBENCH_LEADERBOARDS_DIR"])
     print(f"temporary result store: {store}", flush=True)

@@ -36,9 +36,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from model_zoo.architectures import build
-from model_zoo.attacks import pgd_linf
-from model_zoo.smoothing import SmoothBlock
+from salbench.model_zoo.architectures import build
+from salbench.model_zoo.attacks import pgd_linf
+from salbench.model_zoo.smoothing import SmoothBlock
 
 REPO = Path(__file__).resolve().parent.parent
 DOC = REPO / "docs" / "performance" / "smoothblock.md"

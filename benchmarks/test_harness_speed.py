@@ -1,5 +1,5 @@
 """Scoring one FMNIST zoo model (VG + IG, every metric, 1000 images, no cache): SalBench's
-``benchmark.scoring.score`` vs the quantus-based path of the authors' evaluation code, in one run.
+``salbench.benchmark.scoring.score`` vs the quantus-based path of the authors' evaluation code, in one run.
 
 The reference path, per attribution method: ``explain`` on the clean images; ``quantus.Sparseness``;
 for each of the 8 noise levels an ``explain`` of the noisy images and a per-pair skimage SSIM;
@@ -24,14 +24,14 @@ import torch
 quantus = pytest.importorskip("quantus")
 from skimage.metrics import structural_similarity  # noqa: E402
 
-import metrics  # noqa: E402
-from metrics.protocol import ROAD_NOISE, ROAD_PERCENTAGES, SSIM_SIGMAS  # noqa: E402
+from salbench import metrics  # noqa: E402
+from salbench.metrics.protocol import ROAD_NOISE, ROAD_PERCENTAGES, SSIM_SIGMAS  # noqa: E402
 
 N_REF = 100
 
 
 def _imageset(x, y):
-    from benchmark.imagesets import ImageSet
+    from salbench.benchmark.imagesets import ImageSet
 
     imgs = (x * 255).round().to(torch.uint8)
     return ImageSet("fmnist", "test", torch.arange(len(y)), y, imgs, {}, "benchmark")
@@ -70,7 +70,7 @@ def quantus_path(model, x, y, explainers) -> None:
 
 
 def test_scoring_vs_quantus_path(benchmark, record, lenet, fmnist):
-    from benchmark.scoring import ScoreConfig, score
+    from salbench.benchmark.scoring import ScoreConfig, score
 
     x, y = fmnist
     s = _imageset(x, y)

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from scipy.sparse import csc_matrix
 from scipy.sparse.linalg import spsolve
 
-from metrics import (
+from salbench.metrics import (
     aggregate_ros,
     integrated_gradients,
     noisy_linear_imputation,
@@ -37,7 +37,7 @@ from metrics import (
     ssim,
     vanilla_gradient,
 )
-from metrics.protocol import ROAD_NEIGHBOUR_WEIGHTS, ROAD_NOISE, ROAD_PERCENTAGES, SSIM_SIGMAS
+from salbench.metrics.protocol import ROAD_NEIGHBOUR_WEIGHTS, ROAD_NOISE, ROAD_PERCENTAGES, SSIM_SIGMAS
 
 quantus = pytest.importorskip("quantus")
 skimage_metrics = pytest.importorskip("skimage.metrics")

@@ -1,6 +1,6 @@
 """Scoring at ImageNette size (3x224x224, ResNet-18 with a SmoothBlock after layer1) on this CPU.
 
-Two measurements, both through ``benchmark.scoring.score`` (the harness path) with the default
+Two measurements, both through ``salbench.benchmark.scoring.score`` (the harness path) with the default
 ImageNette scoring batch (``DEFAULT_BATCH_SIZE["imagenette"]``):
 
 * ``test_per_image_time_224``: seconds per image of every metric, from the result's ``timings``,
@@ -29,10 +29,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmark.imagesets import ImageSet
-from benchmark.scoring import DEFAULT_BATCH_SIZE, ScoreConfig, score
-from metrics.protocol import IG_STEPS, ROS_SAMPLES, SSIM_SIGMAS
-from model_zoo.architectures import build
+from salbench.benchmark.imagesets import ImageSet
+from salbench.benchmark.scoring import DEFAULT_BATCH_SIZE, ScoreConfig, score
+from salbench.metrics.protocol import IG_STEPS, ROS_SAMPLES, SSIM_SIGMAS
+from salbench.model_zoo.architectures import build
 
 TIME_N = int(os.environ.get("SALBENCH_BENCH_224_TIME_N", "32"))
 RSS_N = int(os.environ.get("SALBENCH_BENCH_224_RSS_N", "1000"))
@@ -101,7 +101,7 @@ import json, sys, time, torch
 sys.path.insert(0, {path!r})
 torch.set_num_threads(1)
 from test_scoring_224 import make_imageset
-from benchmark.scoring import ScoreConfig, score
+from salbench.benchmark.scoring import ScoreConfig, score
 model, s = make_imageset({n})
 with open("/proc/self/status") as f:
     before = next(int(l.split()[1]) for l in f if l.startswith("VmRSS:")) / 1024

@@ -32,7 +32,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model_zoo.smoothing import SmoothBlock
+from salbench.model_zoo.smoothing import SmoothBlock
 from smoothing_step_table import SETUPS, VARIANTS, make_batch, make_model, measure, smoothing_path
 
 ROUNDS = {"lenet": 30, "resnet8": 5}
@@ -114,7 +114,7 @@ def test_input_gradient_equals_reference_on_fmnist(benchmark, fmnist, variant):
     where the median's gradient routing must pick the same neighbour as the reference's sort."""
     x, y = fmnist[0][:256], fmnist[1][:256]
     try:
-        from model_zoo import zoo
+        from salbench.model_zoo import zoo
 
         model = zoo.load(f"fmnist-lenet-{variant}-paper-10ep")
     except Exception:

@@ -8,11 +8,11 @@ definitions are those of ``PROTOCOL.md`` (version :data:`PROTOCOL_VERSION`), sec
 
 from __future__ import annotations
 
-from metrics.attributions import Explainer, integrated_gradients, vanilla_gradient
-from metrics.faithfulness import noisy_linear_imputation, road_aopc, road_curve
-from metrics.protocol import PROTOCOL_VERSION
-from metrics.sparsity import gini_index
-from metrics.stability import (
+from salbench.metrics.attributions import Explainer, integrated_gradients, vanilla_gradient
+from salbench.metrics.faithfulness import noisy_linear_imputation, road_aopc, road_curve
+from salbench.metrics.protocol import PROTOCOL_VERSION
+from salbench.metrics.sparsity import gini_index
+from salbench.metrics.stability import (
     SSIMUnderNoise,
     aggregate_ros,
     relative_output_stability,

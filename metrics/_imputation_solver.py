@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from metrics.protocol import ROAD_NEIGHBOUR_WEIGHTS
+from salbench.metrics.protocol import ROAD_NEIGHBOUR_WEIGHTS
 
 #: The stencil is scaled by this factor so that its weights are the integers of ``[1, 2, 1]^2``.
 _SCALE = 12.0

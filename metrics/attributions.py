@@ -15,8 +15,8 @@ import torch
 from captum.attr import IntegratedGradients, Saliency
 from torch import Tensor, nn
 
-from metrics._validation import EvalMode, check_images, check_model, check_pixel_range, check_targets, logits_of
-from metrics.protocol import IG_METHOD, IG_STEPS, ROS_NOISE_HIGH
+from salbench.metrics._validation import EvalMode, check_images, check_model, check_pixel_range, check_targets, logits_of
+from salbench.metrics.protocol import IG_METHOD, IG_STEPS, ROS_NOISE_HIGH
 
 #: ``explainer(model, x (B, C, H, W), y (B,)) -> maps (B, H, W)``.
 Explainer = Callable[[nn.Module, Tensor, Tensor], Tensor]

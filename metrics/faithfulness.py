@@ -15,8 +15,8 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from metrics._imputation_solver import solve_imputation
-from metrics._validation import (
+from salbench.metrics._imputation_solver import solve_imputation
+from salbench.metrics._validation import (
     EvalMode,
     check_images,
     check_maps_match_images,
@@ -29,7 +29,7 @@ from metrics._validation import (
     logits_of,
     randn_like,
 )
-from metrics.protocol import ROAD_NOISE, ROAD_PERCENTAGES
+from salbench.metrics.protocol import ROAD_NOISE, ROAD_PERCENTAGES
 
 __all__ = ["noisy_linear_imputation", "road_curve", "road_aopc"]
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from metrics._validation import check_maps
-from metrics.protocol import GINI_EPS
+from salbench.metrics._validation import check_maps
+from salbench.metrics.protocol import GINI_EPS
 
 __all__ = ["gini_index"]
 

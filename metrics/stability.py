@@ -14,7 +14,7 @@ from typing import Literal, NamedTuple, Sequence
 import torch
 from torch import Tensor, nn
 
-from metrics._validation import (
+from salbench.metrics._validation import (
     EvalMode,
     check_finite,
     check_images,
@@ -29,8 +29,8 @@ from metrics._validation import (
     rand_like,
     randn_like,
 )
-from metrics.attributions import Explainer
-from metrics.protocol import (
+from salbench.metrics.attributions import Explainer
+from salbench.metrics.protocol import (
     ROS_EPS,
     ROS_NOISE_HIGH,
     ROS_NOISE_LOW,

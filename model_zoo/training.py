@@ -18,11 +18,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from model_zoo import zoo
-from model_zoo.architectures import build
-from model_zoo.attacks import natural_accuracy, pgd_linf, robust_accuracy
-from model_zoo.data import NUM_CLASSES, Split, load_split
-from model_zoo.recipes import Recipe
+from salbench.model_zoo import zoo
+from salbench.model_zoo.architectures import build
+from salbench.model_zoo.attacks import natural_accuracy, pgd_linf, robust_accuracy
+from salbench.model_zoo.data import NUM_CLASSES, Split, load_split
+from salbench.model_zoo.recipes import Recipe
 
 CKPT_NAME = "last.pt"
 ROBUST_EVAL_IMAGES = 1000  # PROTOCOL §3: robust accuracy on the first 1000 test images

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from model_zoo.architectures import build
+from salbench.model_zoo.architectures import build
 
 ZOO_DIR = Path(__file__).resolve().parent  # the bundled zoo: cards/ + checkpoints/
 

@@ -50,3 +50,15 @@ def test_the_check_sees_a_violation(tmp_path):
     f = tmp_path / "m.py"
     f.write_text("def f():\n    from salbench.benchmark import harness\n    import model_zoo.zoo\n")
     assert [_package_of(n) for _, n in _imports(f)] == ["benchmark", "model_zoo"]
+
+
+def test_our_packages_are_imported_by_their_salbench_names_only():
+    """``import metrics`` would pick up a user's own metrics.py (or PyPI's ``metrics``): every
+    import of our packages, in code, tests and benchmarks, goes through ``salbench.``."""
+    bad = []
+    for folder in ("metrics", "model_zoo", "benchmark", "tests", "benchmarks"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            for line, name in _imports(path):
+                if name.split(".")[0] in ("metrics", "model_zoo", "benchmark"):
+                    bad.append(f"{path.relative_to(ROOT)}:{line} imports {name}")
+    assert not bad, "use the salbench.* names:\n" + "\n".join(bad)

@@ -73,7 +73,7 @@ def test_readme_python_block_runs(line, code):
 
 def test_metrics_block_returns_what_the_text_says():
     """The README: per-image tensors, a named tuple from ssim_under_noise, floats from the aggregates."""
-    import metrics
+    from salbench import metrics
 
     found = [(line, code) for line, code in BLOCKS if "metrics.road_aopc" in code]
     assert found, "README.md has no metrics example block (one calling metrics.road_aopc)"

@@ -10,10 +10,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from model_zoo import zoo
+from salbench.model_zoo import zoo
 
 pytestmark = pytest.mark.slow
-SALBENCH = [sys.executable, "-m", "benchmark.cli", "--threads", "1"]
+SALBENCH = [sys.executable, "-m", "salbench.benchmark.cli", "--threads", "1"]
 
 
 def _run(args, env):

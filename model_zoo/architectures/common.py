@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from model_zoo.smoothing import SmoothBlock
+from salbench.model_zoo.smoothing import SmoothBlock
 
 # per-dataset channel statistics in [0, 1] pixel space
 NORMALIZATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from model_zoo.architectures.common import NORMALIZATION, Normalize, StagedNet
-from model_zoo.architectures.registry import register
+from salbench.model_zoo.architectures.common import NORMALIZATION, Normalize, StagedNet
+from salbench.model_zoo.architectures.registry import register
 
 
 def _lenet(c1: int, c2: int, fc: tuple[int, ...], pool_first: bool, dataset: str, num_classes: int, smoothing):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from model_zoo.architectures.common import NORMALIZATION, Normalize, StagedNet
-from model_zoo.architectures.registry import register
+from salbench.model_zoo.architectures.common import NORMALIZATION, Normalize, StagedNet
+from salbench.model_zoo.architectures.registry import register
 
 
 class BasicBlock(nn.Module):

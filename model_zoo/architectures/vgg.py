@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from model_zoo.architectures.common import NORMALIZATION, Normalize, StagedNet
-from model_zoo.architectures.registry import register
+from salbench.model_zoo.architectures.common import NORMALIZATION, Normalize, StagedNet
+from salbench.model_zoo.architectures.registry import register
 
 # VGG-16 configuration split into its five pooling blocks
 _VGG16 = ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512))

@@ -9,11 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmark.imagesets import build_imageset, load_imageset
-from benchmark.scoring import ScoreConfig
-from model_zoo import zoo
-from model_zoo.architectures import build
-from model_zoo.data import DatasetNotFoundError, Split, load_split
+from salbench.benchmark.imagesets import build_imageset, load_imageset
+from salbench.benchmark.scoring import ScoreConfig
+from salbench.model_zoo import zoo
+from salbench.model_zoo.architectures import build
+from salbench.model_zoo.data import DatasetNotFoundError, Split, load_split
 
 N_TEST = 300  # test images the tiny environment uses
 SET_N = 40  # image-set size in these tests

@@ -3,7 +3,7 @@ an unknown dataset, plain (ANSI-free) error messages."""
 
 import pytest
 
-from benchmark import cli
+from salbench.benchmark import cli
 
 
 def _help(capsys, *argv) -> str:

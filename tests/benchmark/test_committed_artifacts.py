@@ -15,13 +15,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from benchmark.harness import zoo_cards
-from benchmark.imagesets import IMAGESETS_DIR, load_imageset
-from benchmark.leaderboard import leaderboard_tables, write_leaderboard
-from benchmark.results import DEFAULT_LEADERBOARDS_DIR, list_results
-from model_zoo import zoo
-from model_zoo.attacks import natural_accuracy
-from model_zoo.data import DatasetNotFoundError, load_split
+from salbench.benchmark.harness import zoo_cards
+from salbench.benchmark.imagesets import IMAGESETS_DIR, load_imageset
+from salbench.benchmark.leaderboard import leaderboard_tables, write_leaderboard
+from salbench.benchmark.results import DEFAULT_LEADERBOARDS_DIR, list_results
+from salbench.model_zoo import zoo
+from salbench.model_zoo.attacks import natural_accuracy
+from salbench.model_zoo.data import DatasetNotFoundError, load_split
 
 SETS = sorted(IMAGESETS_DIR.glob("*.json"))
 BOARDS = sorted(p for p in DEFAULT_LEADERBOARDS_DIR.glob("*.csv") if "_" not in p.stem)

@@ -8,8 +8,8 @@ import pytest
 import torch
 from captum.attr import NoiseTunnel, Saliency
 
-from benchmark import harness
-from benchmark.scoring import EXPLAINERS, explainer_for, register_explainer
+from salbench.benchmark import harness
+from salbench.benchmark.scoring import EXPLAINERS, explainer_for, register_explainer
 
 from .conftest import FAST
 

@@ -9,13 +9,13 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from benchmark import harness
-from benchmark.imagesets import build_imageset, load_imageset
-from benchmark.scoring import ScoreConfig
-from model_zoo import zoo
-from model_zoo.data import load_split
-from model_zoo.recipes import get_recipe
-from model_zoo.training import train
+from salbench.benchmark import harness
+from salbench.benchmark.imagesets import build_imageset, load_imageset
+from salbench.benchmark.scoring import ScoreConfig
+from salbench.model_zoo import zoo
+from salbench.model_zoo.data import load_split
+from salbench.model_zoo.recipes import get_recipe
+from salbench.model_zoo.training import train
 
 WNIDS = [f"n0{i}000000" for i in range(10)]
 

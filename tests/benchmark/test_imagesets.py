@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from benchmark.imagesets import ImageSetError, load_imageset, select_indices
-from model_zoo import zoo
-from model_zoo.data import Split
+from salbench.benchmark.imagesets import ImageSetError, load_imageset, select_indices
+from salbench.model_zoo import zoo
+from salbench.model_zoo.data import Split
 
 
 def test_selection_follows_protocol():

@@ -9,10 +9,10 @@ import pandas as pd
 import pytest
 from safetensors.torch import save_file
 
-from benchmark import harness
-from benchmark.cli import main
-from benchmark.submit import SubmissionError
-from model_zoo import zoo
+from salbench.benchmark import harness
+from salbench.benchmark.cli import main
+from salbench.benchmark.submit import SubmissionError
+from salbench.model_zoo import zoo
 
 from .conftest import FAST, quick_train
 
@@ -83,7 +83,7 @@ def test_resubmission_under_the_same_name_reuses_and_announces(submitted, capsys
 def test_a_scored_submission_prints_its_verdicts_against_the_reference_a_and_g(env, fmnist_small, tmp_path, capsys):
     """After scoring, the CLI says where the row went and the paired verdicts vs the image set's
     reference A and G (PROTOCOL §7)."""
-    from benchmark.cli import _print_verdicts
+    from salbench.benchmark.cli import _print_verdicts
 
     cfg = replace(FAST, accuracy=False)
     harness.score_zoo("fmnist", config=cfg, progress=False, imageset=env["imageset"], test_split=env["test"])

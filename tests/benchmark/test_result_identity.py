@@ -9,10 +9,10 @@ import pandas as pd
 import pytest
 import torch
 
-from benchmark import harness, scoring
-from benchmark import results as R
-from benchmark.imagesets import IMAGESETS_DIR
-from benchmark.scoring import ScoreConfig
+from salbench.benchmark import harness, scoring
+from salbench.benchmark import results as R
+from salbench.benchmark.imagesets import IMAGESETS_DIR
+from salbench.benchmark.scoring import ScoreConfig
 
 from .conftest import FAST
 

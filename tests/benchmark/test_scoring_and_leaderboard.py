@@ -3,10 +3,10 @@ import math
 import pandas as pd
 import pytest
 
-from benchmark import harness
-from benchmark.leaderboard import leaderboard_tables
-from benchmark.scoring import score
-from model_zoo import zoo
+from salbench.benchmark import harness
+from salbench.benchmark.leaderboard import leaderboard_tables
+from salbench.benchmark.scoring import score
+from salbench.model_zoo import zoo
 
 from .conftest import FAST
 
@@ -77,7 +77,7 @@ def test_leaderboard_written_atomically(env, monkeypatch):
     """A crash while writing leaves the previous CSV intact (temp file + os.replace)."""
     harness.score_zoo("fmnist", config=FAST, progress=False, imageset=env["imageset"], test_split=env["test"])
     before = (env["lb"] / "fmnist.csv").read_bytes()
-    import benchmark.leaderboard as L
+    import salbench.benchmark.leaderboard as L
 
     def crash(*a, **k):
         raise RuntimeError("disk full")
@@ -94,7 +94,7 @@ def test_result_from_another_image_set_is_rescored_and_left_off(env):
     re-used or listed: the model is scored again on the current set."""
     import json
 
-    from benchmark import results as R
+    from salbench.benchmark import results as R
 
     current = env["imageset"].images_sha256
     harness.score_zoo("fmnist", config=FAST, progress=False, imageset=env["imageset"], test_split=env["test"],

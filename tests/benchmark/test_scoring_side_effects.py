@@ -6,9 +6,9 @@ from dataclasses import replace
 import pytest
 import torch
 
-from benchmark.imagesets import ImageSet
-from benchmark.scoring import ScoreConfig, explainer_for, score
-from model_zoo.architectures import build
+from salbench.benchmark.imagesets import ImageSet
+from salbench.benchmark.scoring import ScoreConfig, explainer_for, score
+from salbench.model_zoo.architectures import build
 
 
 def _set(n=12, seed=0):

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from benchmark import claims as C
-from benchmark import stats as S
-from benchmark.leaderboard import comparison_pairs, leaderboard_tables, variants_table
-from benchmark.results import DEFAULT_LEADERBOARDS_DIR
+from salbench.benchmark import claims as C
+from salbench.benchmark import stats as S
+from salbench.benchmark.leaderboard import comparison_pairs, leaderboard_tables, variants_table
+from salbench.benchmark.results import DEFAULT_LEADERBOARDS_DIR
 
 SIGMAS = ["0.01", "0.1"]
 LEVELS = ["1", "6", "11"]

@@ -12,9 +12,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from benchmark import harness
-from benchmark.cli import main
-from model_zoo.architectures import build
+from salbench.benchmark import harness
+from salbench.benchmark.cli import main
+from salbench.model_zoo.architectures import build
 
 from .conftest import FAST, quick_train
 
@@ -102,11 +102,11 @@ def test_bad_submission_rejected_and_nothing_changes(board, tmp_path, capsys, ca
 
 SCRIPT = textwrap.dedent("""
     import sys, time, torch
-    import benchmark.leaderboard as L
-    from benchmark import harness
-    from benchmark.imagesets import load_imageset
-    from benchmark.scoring import ScoreConfig
-    from model_zoo.data import Split, load_split
+    import salbench.benchmark.leaderboard as L
+    from salbench.benchmark import harness
+    from salbench.benchmark.imagesets import load_imageset
+    from salbench.benchmark.scoring import ScoreConfig
+    from salbench.model_zoo.data import Split, load_split
     real = L.list_results
     def slow(*a, **k):  # widen the read-modify-write window a lost update needs
         out = real(*a, **k); time.sleep(1.5); return out

@@ -113,7 +113,7 @@ def lenet() -> nn.Module:
 @pytest.fixture(scope="session")
 def vg_maps(lenet, fmnist_test) -> torch.Tensor:
     """Vanilla-gradient maps (400, 28, 28) of the trained LeNet on the test images."""
-    from metrics import vanilla_gradient
+    from salbench.metrics import vanilla_gradient
 
     x, y = fmnist_test
     with one_torch_thread():
@@ -123,7 +123,7 @@ def vg_maps(lenet, fmnist_test) -> torch.Tensor:
 @pytest.fixture(scope="session")
 def ig_maps(lenet, fmnist_test) -> torch.Tensor:
     """Integrated-gradients maps (100, 28, 28) of the trained LeNet on the first 100 test images."""
-    from metrics import integrated_gradients
+    from salbench.metrics import integrated_gradients
 
     x, y = fmnist_test
     with one_torch_thread():

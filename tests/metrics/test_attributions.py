@@ -9,7 +9,7 @@ import torch
 from captum.attr import IntegratedGradients, Saliency
 from torch import nn
 
-from metrics import Explainer, integrated_gradients, vanilla_gradient
+from salbench.metrics import Explainer, integrated_gradients, vanilla_gradient
 
 
 def _rgb_model() -> nn.Module:

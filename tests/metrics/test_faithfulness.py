@@ -13,8 +13,8 @@ from scipy.sparse import csr_matrix
 from scipy.sparse.linalg import spsolve
 from torch import nn
 
-from metrics import noisy_linear_imputation, road_aopc, road_curve
-from metrics.protocol import ROAD_PERCENTAGES
+from salbench.metrics import noisy_linear_imputation, road_aopc, road_curve
+from salbench.metrics.protocol import ROAD_PERCENTAGES
 
 # ----------------------------------------------------------------- independent scipy reference
 
@@ -170,7 +170,7 @@ def test_imputation_noise_is_seeded_and_only_on_removed_pixels(fmnist_test, vg_m
 
 
 def test_solver_working_precision_does_not_change_the_solution(fmnist_test, vg_maps):
-    from metrics._imputation_solver import solve_imputation
+    from salbench.metrics._imputation_solver import solve_imputation
 
     x = fmnist_test[0][:8]
     mask = _top_k_mask(vg_maps[:8], 0.9)

@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from metrics import (
+from salbench.metrics import (
     integrated_gradients,
     relative_output_stability,
     road_curve,
@@ -127,7 +127,7 @@ def test_mode_and_flags_are_restored_when_the_metric_raises():
 
 
 def test_eval_mode_context_manager_restores_on_exception_and_nests():
-    from metrics._validation import EvalMode
+    from salbench.metrics._validation import EvalMode
 
     model = _bn_model().train()
     model[4].bias.requires_grad_(False)

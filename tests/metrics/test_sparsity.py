@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from metrics import gini_index
+from salbench.metrics import gini_index
 
 
 def _quantus_sparseness(a: np.ndarray) -> float:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from metrics import (
+from salbench.metrics import (
     SSIMUnderNoise,
     aggregate_ros,
     integrated_gradients,
@@ -19,7 +19,7 @@ from metrics import (
     ssim_under_noise,
     vanilla_gradient,
 )
-from metrics.protocol import SSIM_SIGMAS
+from salbench.metrics.protocol import SSIM_SIGMAS
 
 skimage_metrics = pytest.importorskip("skimage.metrics")
 

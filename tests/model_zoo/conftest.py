@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model_zoo.data import DatasetNotFoundError, Split, load_split
+from salbench.model_zoo.data import DatasetNotFoundError, Split, load_split
 
 N_TRAIN = 64  # training images of the tiny trainer runs
 N_TEST = 100  # test images the tiny trainer evaluates on

@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from model_zoo.architectures import NORMALIZATION, Normalize, arch_spec, build, list_archs
-from model_zoo.data import DATASETS, IMAGE_SHAPE
-from model_zoo.smoothing import SmoothBlock, gaussian_sigma
-from model_zoo.zoo import count_params
+from salbench.model_zoo.architectures import NORMALIZATION, Normalize, arch_spec, build, list_archs
+from salbench.model_zoo.data import DATASETS, IMAGE_SHAPE
+from salbench.model_zoo.smoothing import SmoothBlock, gaussian_sigma
+from salbench.model_zoo.zoo import count_params
 
 BIG = 20_000_000  # archs above this many parameters only get the parameter-count check
 BATCH_ONE = {"resnet18", "vgg16"}  # forward these at batch 1 (CPU cost / 1x1 BN maps)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model_zoo.attacks import natural_accuracy, pgd_linf, robust_accuracy
+from salbench.model_zoo.attacks import natural_accuracy, pgd_linf, robust_accuracy
 
 
 def _separable(n: int = 200, seed: int = 0):

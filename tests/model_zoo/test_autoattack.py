@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from model_zoo.architectures import build
-from model_zoo.attacks import natural_accuracy, robust_accuracy
-from model_zoo.autoattack import STANDARD, autoattack_accuracy, standard_autoattack
+from salbench.model_zoo.architectures import build
+from salbench.model_zoo.attacks import natural_accuracy, robust_accuracy
+from salbench.model_zoo.autoattack import STANDARD, autoattack_accuracy, standard_autoattack
 
 
 def test_standard_settings_are_the_references():

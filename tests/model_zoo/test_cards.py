@@ -32,12 +32,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model_zoo import zoo
-from model_zoo.architectures import arch_spec, build, list_archs
-from model_zoo.attacks import natural_accuracy, robust_accuracy
-from model_zoo.data import DATASETS, NUM_CLASSES, DatasetNotFoundError, Split, load_split
-from model_zoo.recipes import PRESETS, VARIANT_FILTER, VARIANTS, Recipe, get_recipe
-from model_zoo.training import model_id_for
+from salbench.model_zoo import zoo
+from salbench.model_zoo.architectures import arch_spec, build, list_archs
+from salbench.model_zoo.attacks import natural_accuracy, robust_accuracy
+from salbench.model_zoo.data import DATASETS, NUM_CLASSES, DatasetNotFoundError, Split, load_split
+from salbench.model_zoo.recipes import PRESETS, VARIANT_FILTER, VARIANTS, Recipe, get_recipe
+from salbench.model_zoo.training import model_id_for
 
 CARDS_DIR = zoo.default_cards_dir()
 CARD_PATHS = sorted(CARDS_DIR.glob("*.json"))

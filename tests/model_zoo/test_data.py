@@ -13,8 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from model_zoo import data
-from model_zoo.data import DatasetNotFoundError, Split, load_split, read_idx
+from salbench.model_zoo import data
+from salbench.model_zoo.data import DatasetNotFoundError, Split, load_split, read_idx
 
 
 # ----------------------------------------------------------------------------- writers

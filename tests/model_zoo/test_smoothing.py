@@ -8,7 +8,7 @@ import kornia.filters as KF
 import pytest
 import torch
 
-from model_zoo.smoothing import FILTERS, SmoothBlock, gaussian_sigma
+from salbench.model_zoo.smoothing import FILTERS, SmoothBlock, gaussian_sigma
 
 
 def _rand(*shape, seed=0, dtype=torch.float32):

@@ -22,12 +22,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from model_zoo import zoo
-from model_zoo.architectures import build
-from model_zoo.attacks import natural_accuracy, robust_accuracy
-from model_zoo.recipes import Recipe, get_recipe
-from model_zoo.training import CKPT_NAME, model_id_for, train
-from model_zoo.zoo import CARD_FIELDS, CheckpointError, read_state_dict
+from salbench.model_zoo import zoo
+from salbench.model_zoo.architectures import build
+from salbench.model_zoo.attacks import natural_accuracy, robust_accuracy
+from salbench.model_zoo.recipes import Recipe, get_recipe
+from salbench.model_zoo.training import CKPT_NAME, model_id_for, train
+from salbench.model_zoo.zoo import CARD_FIELDS, CheckpointError, read_state_dict
 
 RECIPE = replace(get_recipe("fmnist", "tiny", "G"), train_subset=64, epochs=3, attack_steps=2)
 MID = model_id_for(RECIPE)
@@ -133,9 +133,9 @@ _CHILD = textwrap.dedent(
     import json, sys, time
     import torch
     torch.set_num_threads(int(sys.argv[1]))
-    from model_zoo import training
-    from model_zoo.data import Split
-    from model_zoo.recipes import Recipe
+    from salbench.model_zoo import training
+    from salbench.model_zoo.data import Split
+    from salbench.model_zoo.recipes import Recipe
 
     data = torch.load(sys.argv[2], weights_only=True)
     recipe = Recipe.from_dict(json.loads(sys.argv[3]))

@@ -13,12 +13,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from model_zoo import zoo
-from model_zoo.architectures import build
-from model_zoo.data import Split
-from model_zoo.recipes import get_recipe
-from model_zoo.training import model_id_for, publish
-from model_zoo.zoo import CheckpointError, load_checkpoint, read_state_dict
+from salbench.model_zoo import zoo
+from salbench.model_zoo.architectures import build
+from salbench.model_zoo.data import Split
+from salbench.model_zoo.recipes import get_recipe
+from salbench.model_zoo.training import model_id_for, publish
+from salbench.model_zoo.zoo import CheckpointError, load_checkpoint, read_state_dict
 
 
 class _Exploit:
