@@ -20,54 +20,111 @@ def fig_dir() -> Path:
     return leaderboards_dir() / "figures"
 
 COLORS = {"N": "tab:blue", "A": "tab:orange", "G": "tab:green", "M1": "tab:purple", "M2": "tab:brown"}
+# models that are not one of the zoo's variants (submissions, other seeds/placements): colours
+# no variant uses, assigned in order of appearance, with a dashed line
+_OTHER_COLORS = ("tab:red", "tab:pink", "tab:olive", "tab:cyan", "tab:gray", "gold", "navy", "lime")
+CLASS_NAMES = {
+    "fmnist": ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+               "Ankle boot"),
+    "cifar10": ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
+    "imagenette": ("tench", "English springer", "cassette player", "chain saw", "church", "French horn",
+                   "garbage truck", "gas pump", "golf ball", "parachute"),
+}
 
 
-def _label(row) -> str:
-    return f"{row['variant']} ({row['id']})" if row["variant"] in COLORS else str(row["id"])
+def _style(ids_variants: list[tuple[str, str]]) -> dict[str, dict]:
+    """id -> line style: a zoo variant's colour for the first model of each variant, distinct
+    colours (dashed) for everything else, so a submission never looks like N or A."""
+    out, used, k = {}, set(), 0
+    for mid, v in ids_variants:
+        if mid in out:
+            continue
+        if v in COLORS and v not in used:
+            out[mid] = {"color": COLORS[v], "ls": "-"}
+            used.add(v)
+        else:
+            out[mid] = {"color": _OTHER_COLORS[k % len(_OTHER_COLORS)], "ls": "--"}
+            k += 1
+    return out
 
 
-def _curves(df: pd.DataFrame, x: str, y: str, title: str, xlabel: str, ylabel: str, path: Path,
-            interval: str = "bars") -> Path:
-    """One panel per method, one curve per model; ``<y>_lo``/``<y>_hi`` columns (95% bootstrap
-    intervals, PROTOCOL §7) drawn as error bars or as a shaded band."""
-    methods = list(dict.fromkeys(df["method"]))
-    fig, axes = plt.subplots(1, len(methods), figsize=(5.5 * len(methods), 4), squeeze=False, sharey=True)
-    for ax, method in zip(axes[0], methods):
-        sub = df[df["method"] == method]
-        for mid, g in sub.groupby("id", sort=False):
-            v = g["variant"].iloc[0]
-            line, = ax.plot(g[x], g[y], marker="o", ms=3, label=_label(g.iloc[0]), color=COLORS.get(v))
-            if f"{y}_lo" in g.columns:
-                lo, hi = g[f"{y}_lo"].to_numpy(), g[f"{y}_hi"].to_numpy()
-                if interval == "band":
-                    ax.fill_between(g[x], lo, hi, color=line.get_color(), alpha=0.2, linewidth=0)
-                else:
-                    ax.errorbar(g[x], g[y], yerr=[g[y] - lo, hi - g[y]], fmt="none", ecolor=line.get_color(),
-                                capsize=2, lw=0.8)
-        ax.set_title(f"{method}: {title}")
-        ax.set_xlabel(xlabel)
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel(ylabel)
-    axes[0][-1].legend(fontsize=7, loc="best", title="bars/bands: 95% bootstrap CI over images",
-                       title_fontsize=7)
-    fig.tight_layout()
+def _label(row, extra: str = "") -> str:
+    base = f"{row['variant']} ({row['id']})" if row["variant"] in COLORS else str(row["id"])
+    return base + extra
+
+
+def _save(fig, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
 
 
+def _curves(df: pd.DataFrame, x: str, y: str, title: str, xlabel: str, ylabel: str, path: Path,
+            interval: str = "bars", labels: dict | None = None, caption: str = "", kept: bool = False) -> Path:
+    """One panel per method, one curve per model; ``<y>_lo``/``<y>_hi`` columns (95% bootstrap
+    intervals, PROTOCOL §7) drawn as error bars or as a shaded band. ``kept``: a second row of
+    panels with the SSIM kept fraction."""
+    methods = list(dict.fromkeys(df["method"]))
+    style = _style(list(zip(df["id"], df["variant"])))
+    nrows = 2 if kept else 1
+    fig, axes = plt.subplots(nrows, len(methods), figsize=(5.5 * len(methods), 4 + 2.6 * (nrows - 1)), squeeze=False,
+                             sharex=True, gridspec_kw={"height_ratios": [3, 1.6][:nrows]})
+    for col, method in enumerate(methods):
+        ax = axes[0][col]
+        sub = df[df["method"] == method]
+        for mid, g in sub.groupby("id", sort=False):
+            st = style[mid]
+            extra = (labels or {}).get((mid, method), "")
+            ax.plot(g[x], g[y], marker="o", ms=3, label=_label(g.iloc[0], extra), color=st["color"], ls=st["ls"])
+            if f"{y}_lo" in g.columns:
+                lo, hi = g[f"{y}_lo"].to_numpy(), g[f"{y}_hi"].to_numpy()
+                if interval == "band":
+                    ax.fill_between(g[x], lo, hi, color=st["color"], alpha=0.2, linewidth=0)
+                else:
+                    ax.errorbar(g[x], g[y], yerr=[g[y] - lo, hi - g[y]], fmt="none", ecolor=st["color"], capsize=2,
+                                lw=0.8)
+            if kept:
+                axes[1][col].plot(g[x], g["kept_fraction"], marker=".", color=st["color"], ls=st["ls"])
+        ax.set_title(f"{method}: {title}", fontsize=10)
+        ax.grid(alpha=0.3)
+        axes[-1][col].set_xlabel(xlabel)
+        ax.legend(fontsize=6.5, loc="best", title="bars/bands: 95% bootstrap CI over images", title_fontsize=6.5)
+        if kept:
+            axes[1][col].set_ylim(0, 1.02)
+            axes[1][col].grid(alpha=0.3)
+    axes[0][0].set_ylabel(ylabel)
+    if kept:
+        axes[1][0].set_ylabel("kept fraction")
+    if caption:
+        fig.text(0.01, 0.005, caption, fontsize=7, ha="left", va="bottom", wrap=True)
+    fig.tight_layout(rect=(0, 0.05 if caption else 0, 1, 1))
+    return _save(fig, path)
+
+
 def ssim_figure(dataset: str, out_dir: Path | None = None, lb_dir: Path | None = None) -> Path:
     df = pd.read_csv((lb_dir or leaderboards_dir()) / f"{dataset}_ssim.csv")
-    return _curves(df, "sigma", "ssim", "SSIM of maps under input noise (higher = more stable)", "noise σ",
-                   "mean SSIM (kept images)", (out_dir or fig_dir()) / f"{dataset}_ssim.png")
+    return _curves(df, "sigma", "ssim", f"{dataset}: SSIM of maps under input noise (higher = more stable)",
+                   "noise σ (pixel space [0, 1])", "mean SSIM over kept images",
+                   (out_dir or fig_dir()) / f"{dataset}_ssim.png", kept=True,
+                   caption="SSIM between the map of each image and of its noisy copy (one draw per image and σ), "
+                           "averaged over the 'kept' images: those whose prediction survives the noise "
+                           "(PROTOCOL §3). Lower panels: the kept fraction.")
 
 
 def road_figure(dataset: str, out_dir: Path | None = None, lb_dir: Path | None = None) -> Path:
-    df = pd.read_csv((lb_dir or leaderboards_dir()) / f"{dataset}_road.csv")
-    return _curves(df, "percent_removed", "accuracy", "ROAD, most relevant first (lower = more faithful)",
-                   "% pixels removed (MoRF)", "accuracy", (out_dir or fig_dir()) / f"{dataset}_road.png",
-                   interval="band")
+    lb = lb_dir or leaderboards_dir()
+    df = pd.read_csv(lb / f"{dataset}_road.csv")
+    labels = {}
+    main = lb / f"{dataset}.csv"
+    if main.is_file():
+        m = pd.read_csv(main)
+        labels = {(r["id"], r["method"]): f", AOPC {r['aopc']:.3f}" for _, r in m.iterrows()}
+    return _curves(df, "percent_removed", "accuracy", f"{dataset}: ROAD, most relevant first (faster drop = more faithful)",
+                   "% pixels removed, most relevant first (MoRF)", "accuracy on the set after removal",
+                   (out_dir or fig_dir()) / f"{dataset}_road.png", interval="band", labels=labels,
+                   caption="Fraction of the fixed image set still classified correctly after the most relevant "
+                           "pixels are replaced by noisy linear imputation (PROTOCOL §3); AOPC in the legend.")
 
 
 def saliency_grid(models: dict[str, torch.nn.Module], imageset, *, n_images: int = 8, out_dir: Path | None = None,
@@ -77,6 +134,7 @@ def saliency_grid(models: dict[str, torch.nn.Module], imageset, *, n_images: int
     idx = torch.arange(0, step * n_images, step)[:n_images]
     x = imageset.images[idx].float() / 255
     y = imageset.labels[idx]
+    names = CLASS_NAMES.get(imageset.dataset)
     rows = [("input", None, x)]
     for method in ("VG", "IG"):
         for name, model in models.items():
@@ -86,7 +144,8 @@ def saliency_grid(models: dict[str, torch.nn.Module], imageset, *, n_images: int
             else:
                 maps = metrics.integrated_gradients(model, x, y, n_steps=ig_steps)
             rows.append((f"{name} {method}", method, maps.detach()))
-    fig, axes = plt.subplots(len(rows), n_images, figsize=(1.3 * n_images, 1.35 * len(rows)), squeeze=False)
+    fig, axes = plt.subplots(len(rows), n_images, figsize=(1.45 * n_images, 1.4 * len(rows)), squeeze=False,
+                             constrained_layout=True)
     for r, (label, method, data) in enumerate(rows):
         for c in range(n_images):
             ax = axes[r][c]
@@ -94,17 +153,22 @@ def saliency_grid(models: dict[str, torch.nn.Module], imageset, *, n_images: int
             if method is None:
                 img = data[c].permute(1, 2, 0).squeeze(-1).numpy()
                 ax.imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=1)
+                label_c = int(y[c])
+                ax.set_title(names[label_c] if names else f"class {label_c}", fontsize=7)
             elif method == "VG":
                 m = data[c]
-                ax.imshow(m.numpy(), cmap="hot", vmin=0, vmax=float(m.max()) or 1.0)
+                im = ax.imshow(m.numpy() / (float(m.max()) or 1.0), cmap="hot", vmin=0, vmax=1)
             else:
                 m = data[c]
                 v = float(m.abs().max()) or 1.0
-                ax.imshow(m.numpy(), cmap="bwr", vmin=-v, vmax=v)
+                im = ax.imshow(m.numpy() / v, cmap="bwr", vmin=-1, vmax=1)
             if c == 0:
                 ax.set_ylabel(label, fontsize=8)
-    fig.suptitle(f"{imageset.dataset}: VG (|grad|, hot) and IG (signed, blue-white-red), same images", fontsize=9)
-    fig.tight_layout()
+        if method is not None and r in (1, 1 + len(models)):  # one colour bar per method
+            fig.colorbar(im, ax=list(axes[r:r + len(models), -1]), fraction=0.05, pad=0.02,
+                         label="|VG| / image max" if method == "VG" else "IG / image max|IG|")
+    fig.suptitle(f"{imageset.dataset}: VG (|grad|, hot) and IG (signed, blue-white-red), the same images; "
+                 "each map scaled by its own maximum (per-image scaling)", fontsize=9)
     path = (out_dir or fig_dir()) / f"{imageset.dataset}_saliency_grid.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
