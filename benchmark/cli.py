@@ -12,7 +12,9 @@ import re
 import sys
 
 EXIT_OK, EXIT_FAIL, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
-DATASETS = ("fmnist", "cifar10", "imagenette")
+from salbench.model_zoo.datasets import DatasetNames
+
+DATASETS = DatasetNames()  # live: every registered dataset spec
 
 
 def _threads(n: int | None) -> None:

@@ -14,6 +14,7 @@ import torch  # noqa: E402
 
 from salbench import metrics  # noqa: E402
 from salbench.benchmark.results import leaderboards_dir  # noqa: E402
+from salbench.model_zoo.datasets import SpecView  # noqa: E402
 
 
 def fig_dir() -> Path:
@@ -23,13 +24,7 @@ COLORS = {"N": "tab:blue", "A": "tab:orange", "G": "tab:green", "M1": "tab:purpl
 # models that are not one of the zoo's variants (submissions, other seeds/placements): colours
 # no variant uses, assigned in order of appearance, with a dashed line
 _OTHER_COLORS = ("tab:red", "tab:pink", "tab:olive", "tab:cyan", "tab:gray", "gold", "navy", "lime")
-CLASS_NAMES = {
-    "fmnist": ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
-               "Ankle boot"),
-    "cifar10": ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
-    "imagenette": ("tench", "English springer", "cassette player", "chain saw", "church", "French horn",
-                   "garbage truck", "gas pump", "golf ball", "parachute"),
-}
+CLASS_NAMES = SpecView("class_names")
 
 
 def _style(ids_variants: list[tuple[str, str]]) -> dict[str, dict]:

@@ -13,16 +13,14 @@ from torch import Tensor
 
 from salbench.model_zoo import zoo
 from salbench.model_zoo.data import Split, load_split
+from salbench.model_zoo.datasets import SpecView
 
 IMAGESETS_DIR = Path(__file__).resolve().parent / "imagesets"
 SET_SIZE = 1000
 SELECTION_SEED = 0
 # the zoo's reference N, A and G of each dataset (PROTOCOL §4)
-REFERENCE_MODELS: dict[str, dict[str, str]] = {
-    d: {v: f"{d}-{arch}-{v}-{preset}" for v in ("N", "A", "G")}
-    for d, arch, preset in (("fmnist", "lenet", "paper-10ep"), ("cifar10", "resnet8", "cpu-resnet8"),
-                            ("imagenette", "resnet18", "paper"))
-}
+# variant -> reference zoo id per dataset (the dataset specs, PROTOCOL §4)
+REFERENCE_MODELS = SpecView("reference_models")
 
 
 class ImageSetError(ValueError):

@@ -26,17 +26,14 @@ from salbench import metrics
 from salbench.metrics import protocol as P
 from salbench.model_zoo.attacks import natural_accuracy, robust_accuracy
 from salbench.model_zoo.data import Split
+from salbench.model_zoo.datasets import SpecView
 
 METHODS = ("VG", "IG")
-ROBUST_EVAL = {  # PROTOCOL §3 "Accuracy"
-    "fmnist": dict(eps=0.1, alpha=0.01, steps=40),
-    "cifar10": dict(eps=8 / 255, alpha=2 / 255, steps=10),
-    "imagenette": dict(eps=1 / 255, alpha=2 / 255, steps=20),
-}
+ROBUST_EVAL = SpecView("robust_eval")  # PROTOCOL §3 "Accuracy", from the dataset specs
 ROBUST_EVAL_IMAGES = 1000
-# images per scoring batch: large for the small inputs, small enough at 224x224 that one IG pass
-# over a batch (the largest tensor) stays well inside a few GB of memory on CPU
-DEFAULT_BATCH_SIZE = {"fmnist": 250, "cifar10": 250, "imagenette": 16}
+# images per scoring batch (the dataset spec's): large for the small inputs, small enough at
+# 224x224 that one IG pass over a batch stays well inside a few GB of memory on CPU
+DEFAULT_BATCH_SIZE = SpecView("score_batch_size")
 
 
 @dataclass(frozen=True)

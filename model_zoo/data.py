@@ -30,13 +30,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
-DATASETS = ("fmnist", "cifar10", "imagenette")
+from salbench.model_zoo.datasets import DatasetNames, SpecView, get_spec
+
+# live views of the dataset specs (salbench.model_zoo.datasets): datasets registered later appear
+DATASETS = DatasetNames()
 SPLITS = ("train", "test")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 FMNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
 CIFAR10_OFFLINE_DIR = REPO_ROOT.parent / "shared" / "data" / "cifar10"
-NUM_CLASSES = {"fmnist": 10, "cifar10": 10, "imagenette": 10}
-IMAGE_SHAPE = {"fmnist": (1, 28, 28), "cifar10": (3, 32, 32), "imagenette": (3, 224, 224)}
+NUM_CLASSES = SpecView("num_classes")
+IMAGE_SHAPE = SpecView("input_shape")
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -77,12 +80,10 @@ def load_split(dataset: str, split: str, root: str | os.PathLike | None = None, 
         ValueError: unknown dataset or split.
         DatasetNotFoundError: no copy found and none could be downloaded.
     """
-    if dataset not in DATASETS:
-        raise ValueError(f"unknown dataset {dataset!r}; expected one of {DATASETS}")
+    spec = get_spec(dataset)  # ValueError naming the known datasets
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
-    loader = {"fmnist": _load_fmnist, "cifar10": _load_cifar10, "imagenette": _load_imagenette}[dataset]
-    return loader(split, root, download)
+    return spec.load(split, root, download)
 
 
 def _candidates(root, env: str, defaults: list[Path]) -> list[Path]:

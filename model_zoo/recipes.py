@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
 
+from salbench.model_zoo.datasets import get_spec
+
 VARIANTS = ("N", "A", "G", "M1", "M2")
 # variant -> SmoothBlock filter (None: no SmoothBlock)
 VARIANT_FILTER = {"N": None, "A": None, "G": "gaussian", "M1": "mean", "M2": "median"}
@@ -78,15 +80,14 @@ class Preset:
     extra: dict = field(default_factory=dict)
 
 
-_EVAL = {
-    "fmnist": dict(eval_eps=0.1, eval_alpha=0.01, eval_steps=40),
-    "cifar10": dict(eval_eps=8 / 255, eval_alpha=2 / 255, eval_steps=10),
-    "imagenette": dict(eval_eps=1 / 255, eval_alpha=2 / 255, eval_steps=20),
-}
+def _eval(dataset: str) -> dict:
+    """The dataset's robust-accuracy attack (its spec, PROTOCOL §3) as recipe fields."""
+    r = get_spec(dataset).robust_eval
+    return dict(eval_eps=r["eps"], eval_alpha=r["alpha"], eval_steps=r["steps"])
 
 
 def _preset(dataset, name, arch, natural: dict, adversarial: dict, description, scaled_down=False, common=None):
-    common = {**(common or {}), **_EVAL[dataset]}
+    common = {**(common or {}), **_eval(dataset)}
     n = Recipe(dataset=dataset, arch=arch, preset=name, variant="N", **common, **natural)
     a = Recipe(dataset=dataset, arch=arch, preset=name, variant="A", **common, **adversarial)
     return Preset(dataset, name, n, a, description, scaled_down)

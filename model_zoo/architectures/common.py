@@ -12,14 +12,11 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from salbench.model_zoo.datasets import SpecView
 from salbench.model_zoo.smoothing import SmoothBlock
 
-# per-dataset channel statistics in [0, 1] pixel space
-NORMALIZATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
-    "fmnist": ((0.2860,), (0.3530,)),
-    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-    "imagenette": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-}
+# per-dataset channel statistics in [0, 1] pixel space: (mean, std) from the dataset specs
+NORMALIZATION = SpecView("normalization")
 
 
 class Normalize(nn.Module):

@@ -58,5 +58,10 @@ def build(arch: str, *, num_classes: int = 10, dataset: str | None = None, smoot
     spec = arch_spec(arch)
     dataset = dataset or spec.datasets[0]
     if dataset not in spec.datasets:
-        raise ValueError(f"architecture {arch!r} is made for {spec.datasets}, not {dataset!r}")
+        from salbench.model_zoo.datasets import get_spec
+
+        h, w = get_spec(dataset).input_shape[1:]
+        if (h, w) != (spec.input_size, spec.input_size):
+            raise ValueError(f"architecture {arch!r} takes {spec.input_size}x{spec.input_size} inputs "
+                             f"(made for {spec.datasets}); dataset {dataset!r} has {h}x{w}")
     return spec.builder(num_classes=num_classes, dataset=dataset, smoothing=smoothing)
