@@ -40,7 +40,7 @@ def timed(fn, device, repeats=1):
     return (time.perf_counter() - t0) / repeats
 
 
-def scoring_throughput(arch, dataset, shape, batch, device, ig_steps, ig_internal, smoke):
+def scoring_throughput(arch, dataset, shape, batch, device, ig_steps, ig_internal):
     model = build(arch, dataset=dataset, smoothing={"filter": "gaussian", "placement": 1}).to(device).eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -108,7 +108,7 @@ def main(argv=None):
         if s and name.startswith("imagenette"):
             c["arch"] = "resnet18"
         r = scoring_throughput(c["arch"], c["dataset"], c["shape"], c["batch"], device, 2 if s else 50,
-                               c["ig_internal"], s)
+                               c["ig_internal"])
         report["scoring_images_per_s"][name] = r
         for k, v in r.items():
             print(f"{name:22s} {k:16s} {v:10.1f} images/s", flush=True)

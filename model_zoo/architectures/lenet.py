@@ -8,7 +8,7 @@ from salbench.model_zoo.architectures.common import NORMALIZATION, Normalize, St
 from salbench.model_zoo.architectures.registry import register
 
 
-def _lenet(c1: int, c2: int, fc: tuple[int, ...], pool_first: bool, dataset: str, num_classes: int, smoothing):
+def _lenet(c1: int, c2: int, fc: tuple[int, ...], dataset: str, num_classes: int, smoothing):
     mean, std = NORMALIZATION[dataset]
     in_ch = len(mean)
 
@@ -30,10 +30,10 @@ def _lenet(c1: int, c2: int, fc: tuple[int, ...], pool_first: bool, dataset: str
 def lenet(*, num_classes: int = 10, dataset: str = "fmnist", smoothing: dict | None = None) -> StagedNet:
     """The authors' FMNIST LeNet: conv 1->6 k5, maxpool 2, ReLU, conv 6->16 k5, maxpool 2, ReLU,
     fc 256-120-84-10. Stages: the two conv blocks (SmoothBlock after block 1 by default)."""
-    return _lenet(6, 16, (120, 84), True, dataset, num_classes, smoothing)
+    return _lenet(6, 16, (120, 84), dataset, num_classes, smoothing)
 
 
 @register("lenet_text", input_size=28, datasets=("fmnist",))
 def lenet_text(*, num_classes: int = 10, dataset: str = "fmnist", smoothing: dict | None = None) -> StagedNet:
     """The LeNet as the paper's text describes it: conv 32 k5, conv 64 k5, fc 1024."""
-    return _lenet(32, 64, (1024,), True, dataset, num_classes, smoothing)
+    return _lenet(32, 64, (1024,), dataset, num_classes, smoothing)

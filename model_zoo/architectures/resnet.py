@@ -9,7 +9,7 @@ from salbench.model_zoo.architectures.registry import register
 
 
 class BasicBlock(nn.Module):
-    expansion = 1
+    """Two 3x3 conv + BN layers with an identity (or 1x1 projection) shortcut."""
 
     def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
         super().__init__()
