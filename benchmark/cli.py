@@ -17,6 +17,59 @@ from salbench.model_zoo.datasets import DatasetNames
 DATASETS = DatasetNames()  # live: every registered dataset spec
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line (the command, the problem, where help is), exit code 2."""
+
+    def error(self, message: str):
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {_plain(message)} (see `{self.prog} --help`)\n")
+
+
+def _int_at_least(low: int, high: int | None = None):
+    """An argparse type: an integer in [low, high]."""
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+        if v < low or (high is not None and v > high):
+            rng = f">= {low}" if high is None else f"between {low} and {high}"
+            raise argparse.ArgumentTypeError(f"must be {rng}, got {v}")
+        return v
+
+    parse.__name__ = "integer"
+    return parse
+
+
+def _device(text: str) -> str:
+    """An argparse type: a torch device this machine has (cpu, cuda, cuda:N, mps)."""
+    if text.strip().lower() == "cpu":
+        return "cpu"
+    import torch
+
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError, TypeError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device; use cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cpu" and dev.index in (None, 0):
+        return "cpu"
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise argparse.ArgumentTypeError(f"{text!r}: CUDA is not available on this machine; use cpu")
+        if dev.index is not None and dev.index >= n:
+            raise argparse.ArgumentTypeError(f"{text!r}: this machine has {n} CUDA device(s) (cuda:0 to cuda:{n - 1})")
+        return text
+    if dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise argparse.ArgumentTypeError(f"{text!r}: MPS is not available on this machine; use cpu")
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r}: unsupported device type {dev.type!r}; use cpu, cuda, cuda:N or mps")
+
+
+_THREADS = _int_at_least(1, 1024)
+_POSITIVE = _int_at_least(1)
+
+
 def _threads(n: int | None) -> None:
     if n:
         import torch
@@ -206,8 +259,8 @@ def _print_verdicts(dataset: str, model_id: str) -> None:
 
 
 def _scoring_args(p) -> None:
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    p.add_argument("--batch-size", type=int, default=None,
+    p.add_argument("--device", type=_device, default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--batch-size", type=_POSITIVE, default=None,
                    help="images per scoring batch (default: 250 for fmnist and cifar10, 16 for imagenette)")
     p.add_argument("--methods", default=None,
                    help="comma-separated attribution methods: VG, IG, or any registered with "
@@ -223,9 +276,8 @@ def _only_arg(p) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="salbench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    p = _Parser(prog="salbench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--threads", type=_THREADS, default=None, help="torch intra-op threads (default: torch's choice)")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a zoo model (N, A, G, M1, M2) from a recipe preset",
@@ -240,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training seed (init, data order, augmentation, PGD starts); ids get -s<seed> when > 0")
     t.add_argument("--work-dir", default="runs", help="epoch checkpoints (resumed from)")
     t.add_argument("--out", default=None, help="zoo folder for weights + card (default: the bundled zoo)")
-    t.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    t.add_argument("--device", type=_device, default="cpu", help="cpu, cuda, cuda:1, ...")
     t.add_argument("--no-resume", action="store_true", help="start from scratch even if a checkpoint exists")
     t.add_argument("--quiet", action="store_true")
     t.set_defaults(func=cmd_train)
@@ -250,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     ib = isub.add_parser("build", help="select the 1000 images every reference N/A/G model classifies correctly")
     ib.add_argument("--dataset", required=True, choices=DATASETS)
     ib.add_argument("--ref", action="append", help="override a reference model, e.g. --ref N=fmnist-lenet-N-paper")
-    ib.add_argument("--n", type=int, default=1000)
+    ib.add_argument("--n", type=_POSITIVE, default=1000)
     iv = isub.add_parser("verify", help="check the committed set against the data files and the zoo")
     iv.add_argument("--dataset", required=True, choices=DATASETS)
     i.set_defaults(func=cmd_imageset)
@@ -332,7 +384,7 @@ def _finish(parser: argparse.ArgumentParser, top: bool = True) -> None:
     """Every (sub)command: defaults in help, and ``--threads`` accepted after the subcommand too."""
     parser.formatter_class = _HelpFormatter
     if not top and not any("--threads" in a.option_strings for a in parser._actions):
-        parser.add_argument("--threads", type=int, default=argparse.SUPPRESS,
+        parser.add_argument("--threads", type=_THREADS, default=argparse.SUPPRESS,
                             help="torch intra-op threads (also accepted before the subcommand)")
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):

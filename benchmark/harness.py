@@ -6,21 +6,20 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from filelock import FileLock
-
 from salbench.benchmark import results as R
 from salbench.benchmark import submit as S
 from salbench.benchmark.imagesets import load_imageset
 from salbench.benchmark.leaderboard import write_leaderboard
 from salbench.benchmark.scoring import ScoreConfig, resolve_config, score
+from salbench.benchmark.store import StoreLock, check_writable, commit_submission
 from salbench.model_zoo import zoo
 from salbench.model_zoo.data import load_split
 
 
-def _lock(dataset: str, out_dir: Path | None = None) -> FileLock:
-    d = out_dir or R.leaderboards_dir()
-    d.mkdir(parents=True, exist_ok=True)
-    return FileLock(str(d / f".{dataset}.lock"), timeout=600)
+def _lock(dataset: str, out_dir: Path | None = None) -> "StoreLock":
+    """The dataset's store lock: waiting announced and bounded ($SALBENCH_LOCK_TIMEOUT), and an
+    interrupted submission completed / temporary debris removed on entry (``benchmark.store``)."""
+    return StoreLock(dataset, out_dir)
 
 
 def zoo_cards(dataset: str, cards_dir: Path | None = None) -> list[dict]:
@@ -104,6 +103,7 @@ def submit(path: str | Path, *, arch: str, dataset: str, name: str, notes: str =
     model, card, payload = S.prepare_submission(path, arch=arch, dataset=dataset, name=name, notes=notes,
                                                 smoothing=S.parse_smoothing(smoothing),
                                                 submissions_dir=submissions_dir, results_root=results_root)
+    check_writable(dataset, out_dir=out_dir, results_root=results_root, submissions_dir=submissions_dir)
     test_split = test_split or load_split(dataset, "test")
     imageset = imageset or load_imageset(dataset, test_split=test_split)
     if rescore:
@@ -112,14 +112,13 @@ def submit(path: str | Path, *, arch: str, dataset: str, name: str, notes: str =
     else:
         res = _cached(dataset, card["sha256"], config, imageset, results_root, say, card["id"])
     if res is None:
+        S.check_not_degenerate(model, imageset, resolve_config(config, dataset), name=Path(path).name)
         res = score(model, imageset, config, test_split=test_split, progress=progress)
     card["natural_accuracy"] = res["accuracy"].get("natural")
     card["robust_accuracy"] = res["accuracy"].get("robust")
     card["robust_protocol"] = res["accuracy"].get("robust_protocol", {})
     with _lock(dataset, out_dir):
-        # again under the lock: a concurrent submission of the same weights may have landed meanwhile
-        S.check_not_duplicate(card, submissions_dir=submissions_dir, results_root=results_root)
-        S.store_submission(card, payload, submissions_dir)
-        R.save_result(res, card, root=results_root)
-        write_leaderboard(dataset, results_root=results_root, out_dir=out_dir, images_sha256=imageset.images_sha256)
+        # all or nothing, name and weights checked again under the lock (benchmark.store)
+        commit_submission(card, payload, res, images_sha256=imageset.images_sha256, submissions_dir=submissions_dir,
+                          results_root=results_root, out_dir=out_dir)
     return card, res

@@ -111,6 +111,46 @@ def build_imageset(
     return path
 
 
+# key -> (type, what it holds): what load_imageset needs of a set file
+_DOC_KEYS = {"dataset": (str, "the dataset name"), "split": (str, "the split name"),
+             "images_sha256": (str, "the selected images' sha256"), "indices": (list, "the image indices"),
+             "labels": (list, "the labels"), "reference_models": (dict, "the reference checkpoints")}
+
+
+def read_imageset_doc(path: Path) -> dict:
+    """Parse an image-set file and check it has every key load_imageset needs, of the right type.
+
+    Raises:
+        ImageSetError: naming the file, and the missing or malformed key (or that it is truncated).
+    """
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise ImageSetError(f"image set {path} is unreadable ({e.strerror or e})") from None
+    try:
+        doc = json.loads(raw)
+    except ValueError as e:
+        what = "empty" if not raw.strip() else f"not valid JSON ({e.msg} at line {e.lineno} column {e.colno})"
+        raise ImageSetError(f"image set {path} is {what}: truncated or damaged; restore it "
+                            "(git checkout) or rebuild it with `salbench imageset build`") from None
+    if not isinstance(doc, dict):
+        raise ImageSetError(f"image set {path} is not a JSON object")
+    for key, (typ, what) in _DOC_KEYS.items():
+        if key not in doc:
+            raise ImageSetError(f"image set {path} lacks the key {key!r} ({what}); restore the file")
+        if not isinstance(doc[key], typ):
+            raise ImageSetError(f"image set {path}: key {key!r} is a {type(doc[key]).__name__}, "
+                                f"expected a {typ.__name__} ({what})")
+    if len(doc["indices"]) != len(doc["labels"]) or not all(type(i) is int and i >= 0
+                                                            for i in doc["indices"] + doc["labels"]):
+        raise ImageSetError(f"image set {path}: keys 'indices' and 'labels' must be lists of non-negative integers "
+                            "of one length")
+    for variant, ref in doc["reference_models"].items():
+        if not isinstance(ref, dict) or not isinstance(ref.get("id"), str) or not isinstance(ref.get("sha256"), str):
+            raise ImageSetError(f"image set {path}: key 'reference_models.{variant}' needs an 'id' and a 'sha256'")
+    return doc
+
+
 def load_imageset(
     dataset: str,
     *,
@@ -129,7 +169,7 @@ def load_imageset(
     path = imageset_path(dataset, directory)
     if not path.is_file():
         raise ImageSetError(f"no image set for {dataset!r} at {path}; build it with `salbench imageset build --dataset {dataset}`")
-    doc = json.loads(path.read_text())
+    doc = read_imageset_doc(path)
     data = test_split or load_split(dataset, doc["split"], root)
     idx = torch.tensor(doc["indices"], dtype=torch.int64)
     if len(idx) and int(idx.max()) >= len(data):

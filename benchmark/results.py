@@ -6,6 +6,12 @@ result's :func:`identity <result_identity>`. Files are written atomically. A sto
 re-used only when its identity equals the one asked for (same weights, protocol, image set and
 score-affecting config, see :func:`identity_fields`); otherwise the model is scored again and the
 file replaced, so the store holds the latest result of each checkpoint.
+
+Every file carries ``digest``, the sha256 of its own canonical content (:func:`content_digest`),
+checked on every read (:func:`read_result_file`): a file edited by hand, empty or truncated is
+named in a one-line warning and left out (never published; a zoo model's is scored again), and it
+blocks no other row. Files written before the digest existed (the committed ones) are accepted
+only when their exact bytes are listed in ``benchmark/legacy_results.json``.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import datetime as _dt
 import hashlib
 import json
 import os
+import sys
 from pathlib import Path
 
 from salbench.metrics.protocol import PROTOCOL_VERSION
@@ -136,9 +143,9 @@ def load_result(dataset: str, sha256: str, protocol: str = PROTOCOL_VERSION, roo
     p = result_path(dataset, sha256, protocol, root)
     if not p.is_file():
         return None
-    doc = json.loads(p.read_text())
-    if doc.get("model", {}).get("sha256") != sha256 or doc.get("protocol") != protocol:
-        return None  # a stale or foreign file: treat as absent
+    doc = _read_or_warn(p, "treated as absent (scored again)")
+    if doc is None or doc.get("model", {}).get("sha256") != sha256 or doc.get("protocol") != protocol:
+        return None  # a stale, foreign or unverifiable file: treat as absent
     if not _on_set(doc, images_sha256):
         return None
     if identity is not None and identity_of(doc) != identity:
@@ -157,7 +164,10 @@ def find_reusable(dataset: str, sha256: str, *, config: dict, images_sha256: str
     p = result_path(dataset, sha256, protocol, root)
     if not p.is_file():
         return None, "no stored result"
-    doc = json.loads(p.read_text())
+    try:
+        doc = read_result_file(p)
+    except StoredResultError as e:
+        return None, f"{e}; it is replaced"
     if doc.get("model", {}).get("sha256") != sha256 or doc.get("protocol") != protocol:
         return None, f"the stored file {p.name} belongs to other weights or another protocol"
     if not _on_set(doc, images_sha256):
@@ -170,28 +180,113 @@ def find_reusable(dataset: str, sha256: str, *, config: dict, images_sha256: str
                  "--rescore scores again")
 
 
-def save_result(result: dict, card: dict, root: Path | None = None) -> Path:
-    """Write ``result`` for the checkpoint of ``card``; the card's model fields always win over a
-    ``model`` block already in ``result`` (e.g. a re-used result), and the identity is (re)computed."""
+def result_document(result: dict, card: dict, root: Path | None = None) -> tuple[Path, bytes]:
+    """The path and the bytes :func:`save_result` writes (nothing is written): the card's model
+    fields always win over a ``model`` block already in ``result`` (e.g. a re-used result), the
+    identity is (re)computed and the content digest (:func:`content_digest`) added."""
     model = {k: card.get(k) for k in MODEL_FIELDS}
-    rest = {k: v for k, v in result.items() if k not in ("model", "created", "identity")}
+    rest = {k: v for k, v in result.items() if k not in ("model", "created", "identity", "digest")}
     doc = {"model": model,
            "created": result.get("created") or _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
            **rest}
     doc["identity"] = result_identity(**_doc_identity_args(doc))
+    doc["digest"] = content_digest(doc)
     p = result_path(result["dataset"], card["sha256"], result["protocol"], root)
     # compact: per-image lists make an indented file ~3x larger
-    atomic_write_bytes(p, (json.dumps(doc, separators=(",", ":")) + "\n").encode())
+    return p, (json.dumps(doc, separators=(",", ":")) + "\n").encode()
+
+
+def save_result(result: dict, card: dict, root: Path | None = None) -> Path:
+    """Write ``result`` for the checkpoint of ``card`` atomically (see :func:`result_document`)."""
+    p, data = result_document(result, card, root)
+    atomic_write_bytes(p, data)
     return p
+
+
+# ---------------------------------------------------------------------------------------------
+# verification: a stored result is read only when its content is what was written
+# ---------------------------------------------------------------------------------------------
+
+# sha256 of the bytes of result files written before results carried a digest (the committed
+# leaderboards/results/ files): such a file is accepted without a digest only when its bytes are listed
+LEGACY_MANIFEST = Path(__file__).resolve().parent / "legacy_results.json"
+
+
+class StoredResultError(ValueError):
+    """A stored result file is unreadable (empty, truncated, not JSON) or its content does not match
+    its digest (edited by hand); the message names the file."""
+
+
+def content_digest(doc: dict) -> str:
+    """sha256 (hex) of the canonical JSON (sorted keys, no spaces) of a result without its
+    ``digest`` field: what a result file carries as ``digest`` and is checked against on every read.
+    It covers every stored number, the model block (with the checkpoint sha256) and the identity."""
+    body = {k: v for k, v in doc.items() if k != "digest"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _legacy_hashes() -> set[str]:
+    try:
+        return set(json.loads(LEGACY_MANIFEST.read_text()))
+    except (OSError, ValueError):
+        return set()
+
+
+def read_result_file(p: Path) -> dict:
+    """Read and verify one stored result file.
+
+    Raises:
+        StoredResultError: empty/truncated/not a JSON object, no model sha256, or a content digest
+            that does not match (or, for a file without a digest, bytes not in the legacy manifest).
+    """
+    try:
+        raw = p.read_bytes()
+    except OSError as e:
+        raise StoredResultError(f"stored result {p} is unreadable ({e.strerror or e})") from None
+    try:
+        doc = json.loads(raw)
+    except ValueError as e:
+        what = "empty" if not raw.strip() else f"not valid JSON ({e.msg} at line {e.lineno} column {e.colno})"
+        raise StoredResultError(f"stored result {p} is {what}; probably truncated by a crash") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("model"), dict) or not doc["model"].get("sha256"):
+        raise StoredResultError(f"stored result {p} has no model block with a checkpoint sha256")
+    if "digest" in doc:
+        if doc["digest"] != content_digest(doc):
+            raise StoredResultError(f"stored result {p} does not match its digest: its content was changed after "
+                                    "it was written (edited by hand?)")
+    elif hashlib.sha256(raw).hexdigest() not in _legacy_hashes():
+        raise StoredResultError(f"stored result {p} carries no digest and is not a known committed result "
+                                f"({LEGACY_MANIFEST.name}): it cannot be verified")
+    return doc
+
+
+_WARNED: set[str] = set()
+
+
+def warn(message: str, once: bool = True) -> None:
+    """One line on stderr (with ``once``: per distinct message and process, e.g. a bad stored file)."""
+    if not once or message not in _WARNED:
+        _WARNED.add(message)
+        print(f"salbench: warning: {message}", file=sys.stderr, flush=True)
+
+
+def _read_or_warn(p: Path, action: str) -> dict | None:
+    try:
+        return read_result_file(p)
+    except StoredResultError as e:
+        warn(f"{e}; {action}")
+        return None
 
 
 def list_results(dataset: str, protocol: str = PROTOCOL_VERSION, root: Path | None = None,
                  images_sha256: str | None = None) -> list[dict]:
-    """Every stored result of ``dataset`` (only those scored on ``images_sha256`` when given)."""
+    """Every stored, verified result of ``dataset`` (only those scored on ``images_sha256`` when
+    given). A file that is unreadable or fails verification (:func:`read_result_file`) is left out
+    with a one-line warning naming it: it is never published, and it blocks no other row."""
     d = (root or results_dir()) / dataset
     out = []
     for p in sorted(d.glob(f"*-{protocol}.json")):
-        doc = json.loads(p.read_text())
-        if _on_set(doc, images_sha256):
+        doc = _read_or_warn(p, "left out of the board (delete it, or score the model again to replace it)")
+        if doc is not None and _on_set(doc, images_sha256):
             out.append(doc)
     return out

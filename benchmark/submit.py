@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -18,7 +19,7 @@ import torch
 from salbench.model_zoo import zoo
 from salbench.model_zoo.data import IMAGE_SHAPE, NUM_CLASSES
 
-from salbench.benchmark.results import leaderboards_dir, result_path
+from salbench.benchmark.results import StoredResultError, leaderboards_dir, read_result_file, result_path, warn
 
 
 def submissions_root() -> Path:
@@ -75,6 +76,25 @@ def validate(path: str | Path, *, arch: str, dataset: str, smoothing: dict | Non
     return model
 
 
+def check_not_degenerate(model: torch.nn.Module, imageset, config, *, name: str = "the model", n: int = 32) -> None:
+    """Refuse, before scoring, a model whose saliency maps are all zero on the first ``n`` images of
+    the set for some method (e.g. all-zero weights): sparsity, SSIM and ROS are undefined for such
+    maps (PROTOCOL §3), and scoring would spend minutes to publish nothing meaningful."""
+    from salbench.benchmark.scoring import explainer_for
+
+    x = imageset.images[:n].float().div(255)
+    y = imageset.labels[:n]
+    model = model.cpu().eval()
+    for m in config.methods:
+        maps = explainer_for(m, replace(config, batch_size=len(x), ig_internal_batch_size=None))(model, x, y)
+        if not bool(torch.isfinite(maps).all()):
+            raise SubmissionError(f"{name}: its {m} saliency maps are not finite on the image set; refused before scoring")
+        if not bool(maps.any()):
+            raise SubmissionError(f"{name}: every {m} saliency map of the first {len(x)} set images is zero (a "
+                                  "degenerate model, e.g. all-zero weights or a constant output): sparsity, SSIM "
+                                  "and ROS are undefined for it; refused before scoring (nothing was written)")
+
+
 def existing_entry(dataset: str, sha256: str, *, submissions_dir: Path | None = None,
                    results_root: Path | None = None, cards_dir: Path | None = None) -> list[str]:
     """Ids under which the weights ``sha256`` are already known for ``dataset``: zoo cards, submission
@@ -84,9 +104,9 @@ def existing_entry(dataset: str, sha256: str, *, submissions_dir: Path | None = 
     p = result_path(dataset, sha256, root=results_root)
     if p.is_file():
         try:
-            model = json.loads(p.read_text()).get("model", {})
-        except ValueError:
-            model = {}
+            model = read_result_file(p).get("model", {})
+        except StoredResultError:
+            model = {}  # an unverifiable file names no entry (it is replaced when these weights are scored)
         if model.get("sha256") == sha256 and model.get("id"):
             ids.append(model["id"])
     return list(dict.fromkeys(ids))
@@ -106,6 +126,19 @@ def check_not_duplicate(card: dict, *, submissions_dir: Path | None = None, resu
                               f"leaderboard as {others[0]!r}; {hint} (nothing was written)")
 
 
+def check_name(card: dict, submissions_dir: Path | None = None) -> None:
+    """The submission's id (from ``--name``) is free or already holds these same weights; checked
+    again under the store lock when the submission is committed, so of two concurrent submissions of
+    different weights under one name only the first lands."""
+    existing = (submissions_dir or submissions_root()) / card["dataset"] / f"{card['id']}.json"
+    if existing.is_file():
+        old = _read_card(existing)
+        if old is None or old.get("sha256") != card["sha256"]:
+            held = f"another checkpoint ({str(old.get('sha256'))[:12]}...)" if old else "an unreadable card"
+            raise SubmissionError(f"the name {card.get('name', card['id'])!r} is already used by {held} "
+                                  f"({existing}); choose another --name (nothing was written)")
+
+
 def prepare_submission(path: str | Path, *, arch: str, dataset: str, name: str, notes: str = "",
                        smoothing: dict | None = None, submissions_dir: Path | None = None,
                        probe: torch.Tensor | None = None,
@@ -118,13 +151,7 @@ def prepare_submission(path: str | Path, *, arch: str, dataset: str, name: str, 
     mid = f"{dataset}-sub-{slug(name)}"
     payload = zoo.state_dict_bytes(model)
     digest = hashlib.sha256(payload).hexdigest()
-    sdir = (submissions_dir or submissions_root()) / dataset
-    existing = sdir / f"{mid}.json"
-    if existing.is_file():
-        old = json.loads(existing.read_text())
-        if old["sha256"] != digest:
-            raise SubmissionError(f"the name {name!r} is already used by another checkpoint ({old['sha256'][:12]}...); "
-                                  "choose another --name")
+    check_name({"id": mid, "dataset": dataset, "sha256": digest, "name": name}, submissions_dir)
     check_not_duplicate({"id": mid, "dataset": dataset, "sha256": digest}, submissions_dir=submissions_dir,
                         results_root=results_root)
     card = zoo.make_card(
@@ -146,4 +173,17 @@ def store_submission(card: dict, payload: bytes, submissions_dir: Path | None = 
 
 def list_submission_cards(dataset: str, submissions_dir: Path | None = None) -> list[dict]:
     sdir = (submissions_dir or submissions_root()) / dataset
-    return [json.loads(p.read_text()) for p in sorted(sdir.glob("*.json"))]
+    return [c for c in map(_read_card, sorted(sdir.glob("*.json"))) if c is not None]
+
+
+def _read_card(p: Path) -> dict | None:
+    """A submission card, or None (with a one-line warning naming the file) when it is unreadable."""
+    try:
+        card = json.loads(p.read_bytes())
+    except (OSError, ValueError) as e:
+        warn(f"submission card {p} is unreadable ({type(e).__name__}); ignored")
+        return None
+    if not isinstance(card, dict) or not card.get("sha256") or not card.get("id"):
+        warn(f"submission card {p} has no id or sha256; ignored")
+        return None
+    return card

@@ -425,7 +425,8 @@ def aggregate_ros(ros: Tensor) -> tuple[float, float]:
 
     Returns:
         ``(log10 of the mean over non-NaN images, NaN fraction)``; the first is NaN when every
-        image is NaN.
+        image is NaN, and ``-inf`` when every non-NaN ROS is 0 (maps that never move, e.g. the
+        all-zero maps of a degenerate model): aggregation never raises on such values.
 
     Raises:
         ValueError: if ``ros`` is not a non-empty floating (B,) tensor or holds an infinity.
@@ -447,4 +448,5 @@ def aggregate_ros(ros: Tensor) -> tuple[float, float]:
     nan_fraction = float(nan.to(torch.float64).mean())
     if bool(nan.all()):
         return math.nan, nan_fraction
-    return math.log10(float(values[~nan].mean())), nan_fraction
+    mean = float(values[~nan].mean())
+    return (math.log10(mean) if mean > 0 else -math.inf), nan_fraction

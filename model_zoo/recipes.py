@@ -41,6 +41,9 @@ class Recipe:
     smoothing_placement: int = 1
     train_subset: int | None = None  # first n training images (tests / tiny presets only)
     seed: int = 0
+    # which epoch is published: "last", or "best_val" (the epoch with the best accuracy on the
+    # held-out split; PROTOCOL §5 ImageNette: "best val checkpoint")
+    select: str = "last"
     # robust-accuracy protocol of the dataset (PROTOCOL §3)
     eval_eps: float = 0.0
     eval_alpha: float = 0.0
@@ -118,9 +121,9 @@ PRESETS: dict[tuple[str, str], Preset] = {
                  "lr_milestones": (5 * 391, 7 * 391)},
                 "CPU-scale CIFAR-10: ResNet-8; N 50 epochs (~45 min), A/G 8 epochs of PGD-5 training (ε 8/255, ~30 min)", True),
         _preset("imagenette", "paper", "resnet18",
-                dict(optimizer="ranger", lr=1e-3, batch_size=64, epochs=200),
+                dict(optimizer="ranger", lr=1e-3, batch_size=64, epochs=200, select="best_val"),
                 dict(optimizer="ranger", lr=1e-3, batch_size=64, epochs=200, attack_eps=1 / 255,
-                     attack_alpha=2 / 255, attack_steps=20),
+                     attack_alpha=2 / 255, attack_steps=20, select="best_val"),
                 "PROTOCOL §5 ImageNette recipe: ResNet-18 from scratch, Ranger, GPU scale"),
     ]
 }

@@ -25,6 +25,7 @@ from salbench.model_zoo.data import NUM_CLASSES, Split, load_split
 from salbench.model_zoo.recipes import Recipe
 
 CKPT_NAME = "last.pt"
+BEST_NAME = "best.pt"  # weights of the best epoch, for recipes that publish it (Recipe.select)
 ROBUST_EVAL_IMAGES = 1000  # PROTOCOL §3: robust accuracy on the first 1000 test images
 
 
@@ -158,15 +159,19 @@ def train(
     base_opt = opt.inner if isinstance(opt, Lookahead) else opt
     sched = torch.optim.lr_scheduler.MultiStepLR(base_opt, milestones=list(recipe.lr_milestones), gamma=recipe.lr_gamma)
     start_epoch, history = 0, []
+    best = None  # {"epoch", "test_acc"} of the best epoch so far (recipe.select == "best_val")
+    if recipe.select not in ("last", "best_val"):
+        raise ValueError(f"unknown checkpoint selection {recipe.select!r}; expected 'last' or 'best_val'")
     if resume and ckpt_path.is_file():
         state = torch.load(ckpt_path, map_location=device, weights_only=True)
-        if state["recipe"] != recipe.to_dict():
+        if Recipe.from_dict(state["recipe"]) != recipe:  # fields added later take their defaults
             raise ValueError(f"{ckpt_path} was written by a different recipe; delete it or use --no-resume")
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"].cpu())
         start_epoch, history = state["epoch"], state["history"]
+        best = state.get("best")
         if progress:
             print(f"[{mid}] resumed after epoch {start_epoch}")
 
@@ -205,20 +210,30 @@ def train(
             h = history[-1]
             print(f"[{mid}] epoch {h['epoch']}/{recipe.epochs} loss {h['train_loss']:.4f} "
                   f"train acc {h['train_acc']:.4f} test acc {h['test_acc']:.4f} ({h['seconds']} s)", flush=True)
+        if recipe.select == "best_val" and (best is None or test_acc > best["test_acc"]):
+            best = {"epoch": epoch + 1, "test_acc": test_acc}
+            tmp = (run_dir / BEST_NAME).with_suffix(".tmp")
+            torch.save(model.state_dict(), tmp)
+            tmp.replace(run_dir / BEST_NAME)
         state = {"epoch": epoch + 1, "model": model.state_dict(), "optimizer": opt.state_dict(),
                  "scheduler": sched.state_dict(), "history": history, "recipe": recipe.to_dict(),
-                 "torch_rng": torch.get_rng_state()}
+                 "torch_rng": torch.get_rng_state(), "best": best}
         tmp = ckpt_path.with_suffix(".tmp")
         torch.save(state, tmp)
         tmp.replace(ckpt_path)
         if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch and epoch + 1 < recipe.epochs:
             return None
 
-    return publish(model, recipe, history, out_dir=out_dir, test_split=test_split, progress=progress)
+    if recipe.select == "best_val" and best is not None:
+        model.load_state_dict(torch.load(run_dir / BEST_NAME, map_location=device, weights_only=True))
+        if progress:
+            print(f"[{mid}] publishing epoch {best['epoch']} (best held-out accuracy {best['test_acc']:.4f})")
+    return publish(model, recipe, history, out_dir=out_dir, test_split=test_split, progress=progress,
+                   selected_epoch=best["epoch"] if best is not None else len(history))
 
 
 def publish(model: nn.Module, recipe: Recipe, history: list, *, out_dir=None, test_split: Split,
-            progress: bool = True) -> dict:
+            progress: bool = True, selected_epoch: int | None = None) -> dict:
     """Measure natural (full test split) and robust (first 1000 test images) accuracy and write
     the weights + card atomically (PROTOCOL §3 "Accuracy")."""
     mid = model_id_for(recipe)
@@ -244,7 +259,7 @@ def publish(model: nn.Module, recipe: Recipe, history: list, *, out_dir=None, te
         robust_protocol={"attack": "pgd_linf", "eps": recipe.eval_eps, "alpha": recipe.eval_alpha,
                          "steps": recipe.eval_steps, "random_start": True, "images": f"first {m} test images",
                          "seed": 0},
-        extra={"history": history},
+        extra={"history": history, **({"selected_epoch": selected_epoch} if recipe.select != "last" else {})},
     )
     zoo.atomic_write_json(out / "cards" / f"{mid}.json", card)
     if progress:

@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -42,6 +43,17 @@ CARD_FIELDS = (
 
 class CheckpointError(ValueError):
     """A checkpoint file is unreadable, corrupt, unsafe or does not fit the architecture."""
+
+
+# the most bytes any checkpoint may hold (file size, or declared inflated size of a torch zip) when the
+# architecture is unknown; load_checkpoint bounds it by the architecture's own size instead
+MAX_CHECKPOINT_BYTES = 4 << 30
+
+
+def arch_bytes_limit(state_dict: dict[str, torch.Tensor]) -> int:
+    """What a checkpoint of an architecture may take: its tensors at 8 bytes per element (float64
+    is accepted and cast), twice over, plus 16 MiB for pickle/zip/header overhead."""
+    return 2 * 8 * sum(v.numel() for v in state_dict.values()) + (16 << 20)
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -93,16 +105,28 @@ def state_dict_bytes(model: nn.Module) -> bytes:
     return save(sd)
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+def read_state_dict(path: str | os.PathLike, *, max_bytes: int | None = None) -> dict[str, torch.Tensor]:
     """Read weights without executing code: ``.safetensors``, or a ``.pt``/``.pth`` state dict
     through ``torch.load(weights_only=True)``.
 
+    Memory is bounded by ``max_bytes`` (default ``MAX_CHECKPOINT_BYTES``): the file's size, and for a
+    (possibly compressed) torch zip the sizes its records declare, are checked before anything is read.
+    Every tensor must be dense (strided), real, unquantized and hold data.
+
     Raises:
-        CheckpointError: missing, truncated/corrupt, pickled code, or not a flat tensor dict.
+        CheckpointError: missing, not a regular file, too large, truncated/corrupt, pickled code, not a
+            flat tensor dict, or a sparse/complex/quantized/meta tensor.
     """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} is not a regular file (a directory, FIFO or device); pass a weights file")
+    limit = MAX_CHECKPOINT_BYTES if max_bytes is None else int(max_bytes)
+    size = path.stat().st_size
+    if size > limit:
+        raise CheckpointError(f"{path} is {size} bytes, more than the {limit} bytes the weights can take; "
+                              "is it the right file?")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -111,8 +135,11 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         except Exception as e:
             raise CheckpointError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e})") from None
     elif path.suffix in (".pt", ".pth", ".bin"):
+        _check_zip_sizes(path, limit)  # before torch.load inflates anything
         try:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # torch's own notes (e.g. on sparse tensors) are not for the user
+                warnings.simplefilter("ignore")
+                sd = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise CheckpointError(
@@ -126,7 +153,49 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: unsupported checkpoint format {path.suffix!r}; use .safetensors or a .pt state dict")
     if not isinstance(sd, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in sd.items()):
         raise CheckpointError(f"{path} does not hold a flat {{name: tensor}} state dict")
+    for k, v in sd.items():
+        kind = _tensor_kind_problem(v)
+        if kind:
+            raise CheckpointError(f"{path.name}: tensor {k!r} is {kind}; weights must be dense real tensors "
+                                  "(save `model.state_dict()` of a plain float model)")
     return sd
+
+
+def _tensor_kind_problem(v: torch.Tensor) -> str | None:
+    """Why ``v`` cannot be a weight (sparse/quantized/meta/complex/...), or None for a dense real tensor."""
+    if v.layout != torch.strided:
+        return f"a {str(v.layout).removeprefix('torch.')} tensor"
+    if v.is_quantized:
+        return f"a quantized tensor ({v.dtype})"
+    if v.is_meta or v.device.type != "cpu":
+        return f"a tensor on device {v.device.type!r} (no data)"
+    if v.is_complex():
+        return f"a complex tensor ({v.dtype})"
+    if getattr(v, "is_nested", False):
+        return "a nested tensor"
+    return None
+
+
+def _check_zip_sizes(path: Path, limit: int) -> None:
+    """A torch zip checkpoint's declared (inflated) record sizes must fit ``limit`` in total, checked
+    from the zip's directory before any record is inflated (a small deflated file may declare
+    gigabytes). torch's reader allocates by the declared size and fails on a record that inflates to
+    more, so the declared sizes bound the memory. A legacy (non-zip) file is bounded by its own size."""
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        return
+    try:
+        with zipfile.ZipFile(path) as z:
+            infos = z.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is not a readable torch checkpoint (corrupt zip: {e})") from None
+    total = sum(max(i.file_size, 0) for i in infos)
+    big = max(infos, key=lambda i: i.file_size, default=None)
+    if total > limit:
+        raise CheckpointError(f"{path}: its records declare {total} bytes once inflated (largest {big.filename!r}, "
+                              f"{big.file_size} bytes), more than the {limit} bytes the weights can take; refused "
+                              "before reading it")
 
 
 def load_checkpoint(
@@ -142,9 +211,9 @@ def load_checkpoint(
     Raises:
         CheckpointError: unreadable file, or keys/shapes that do not fit the architecture.
     """
-    sd = read_state_dict(path)
     model = build(arch, num_classes=num_classes, dataset=dataset, smoothing=smoothing)
     expected = model.state_dict()
+    sd = read_state_dict(path, max_bytes=arch_bytes_limit(expected))
     missing = sorted(set(expected) - set(sd))
     unexpected = sorted(set(sd) - set(expected))
     if missing or unexpected:
@@ -159,6 +228,11 @@ def load_checkpoint(
     bad = [f"{k} {tuple(sd[k].shape)} != {tuple(v.shape)}" for k, v in expected.items() if sd[k].shape != v.shape]
     if bad:
         raise CheckpointError(f"{Path(path).name} does not fit architecture {arch!r}: shape mismatch {bad[:3]}")
+    kinds = [f"{k} {sd[k].dtype} (expected {'floating point' if v.is_floating_point() else v.dtype})"
+             for k, v in expected.items()
+             if (v.is_floating_point() != sd[k].is_floating_point()) or (not v.is_floating_point() and sd[k].dtype == torch.bool)]
+    if kinds:
+        raise CheckpointError(f"{Path(path).name} does not fit architecture {arch!r}: dtype mismatch {kinds[:3]}")
     model.load_state_dict({k: sd[k].to(v.dtype) for k, v in expected.items()}, strict=True)
     return model.eval()
 

@@ -250,3 +250,31 @@ def test_card_with_wrong_sha256_is_refused(tmp_path, reference):
     path.write_text(json.dumps(card))
     with pytest.raises(CheckpointError, match="sha256"):
         zoo.load(MID, cards_dir=tmp_path / "zoo" / "cards")
+
+
+def test_best_val_selection_publishes_the_best_epoch(tmp_path, tiny_fmnist):
+    """PROTOCOL §5 (ImageNette): a recipe with select="best_val" publishes the epoch with the best
+    held-out accuracy, not the last; the card says which; an old checkpoint without the field resumes."""
+    recipe = replace(RECIPE, select="best_val", epochs=4, lr=3e-2)  # a large lr makes epochs differ
+    card = _run(recipe, tmp_path, tiny_fmnist, resume=False)
+    accs = [h["test_acc"] for h in card["history"]]
+    best_epoch = accs.index(max(accs)) + 1
+    assert card["selected_epoch"] == best_epoch
+    best_sd = torch.load(tmp_path / "runs" / MID / "best.pt", weights_only=True)
+    published = zoo.load_checkpoint(tmp_path / "zoo" / "checkpoints" / card["weights"], card["arch"],
+                                    smoothing=card["smoothing"]).state_dict()
+    assert all(torch.equal(published[k], best_sd[k]) for k in best_sd)
+    assert get_recipe("imagenette", "paper", "G").select == "best_val"
+    assert get_recipe("fmnist", "paper", "G").select == "last"
+    with pytest.raises(ValueError, match="selection"):
+        _run(replace(RECIPE, select="median"), tmp_path / "x", tiny_fmnist, resume=False)
+
+
+def test_a_checkpoint_written_before_a_recipe_field_existed_resumes(tmp_path, tiny_fmnist):
+    """The in-progress runs of a long recipe survive a new Recipe field with a default."""
+    assert _run(RECIPE, tmp_path, tiny_fmnist, resume=False, stop_after_epoch=1) is None
+    ck = tmp_path / "runs" / MID / CKPT_NAME
+    state = torch.load(ck, weights_only=True)
+    del state["recipe"]["select"]
+    torch.save(state, ck)
+    assert _run(RECIPE, tmp_path, tiny_fmnist, resume=True) is not None
