@@ -33,11 +33,13 @@ data: $(STAMP)
 	  fi; \
 	  $(BIN)/python -c "from salbench.model_zoo.data import load_split; s = load_split('fmnist', 'train'); t = load_split('fmnist', 'test'); print('FMNIST from', t.source)"; }
 
-# FMNIST always; CIFAR-10 too where its files are (SALBENCH_CIFAR10_DIR). Committed results are re-used.
+# FMNIST always; CIFAR-10 too where its files are (SALBENCH_CIFAR10_DIR). Committed results are re-used;
+# models that need scoring are scored on one process per core, one thread each (salbench --procs, torch.distributed.run)
+PROCS ?= $(shell nproc 2>/dev/null || echo 1)
 run: setup
-	$(BIN)/salbench run --dataset fmnist
+	$(BIN)/salbench --procs $(PROCS) --threads 1 run --dataset fmnist
 	@if [ -n "$$SALBENCH_CIFAR10_DIR" ] && [ -f benchmark/imagesets/cifar10.json ]; then \
-	  $(BIN)/salbench run --dataset cifar10; \
+	  $(BIN)/salbench --procs $(PROCS) --threads 1 run --dataset cifar10; \
 	else echo "CIFAR-10: skipped (set SALBENCH_CIFAR10_DIR to the folder with test_batch.bin)"; fi
 
 test: setup

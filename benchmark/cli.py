@@ -190,7 +190,8 @@ def cmd_leaderboard(args) -> int:
 
     only = [i for part in args.only for i in part.split(",") if i] if getattr(args, "only", None) else None
     score_zoo(args.dataset, rescore=args.rescore, config=_config(args), progress=not args.quiet, only=only)
-    _print_table(args.dataset)
+    if _is_main():
+        _print_table(args.dataset)
     return EXIT_OK
 
 
@@ -213,7 +214,7 @@ def cmd_figures(args) -> int:
 def cmd_run(args) -> int:
     """The main job: score the dataset's zoo, write the leaderboards and the figures."""
     rc = cmd_leaderboard(args)
-    return rc or cmd_figures(args)
+    return rc or (cmd_figures(args) if _is_main() else EXIT_OK)
 
 
 def cmd_score(args) -> int:
@@ -226,8 +227,11 @@ def cmd_score(args) -> int:
                            smoothing=args.smoothing, rescore=args.rescore, config=_config(args),
                            progress=not args.quiet, notify=lambda msg: print(msg, flush=True))
     except SubmissionError as e:
-        print(f"salbench: rejected: {e}", file=sys.stderr)
+        if _is_main():
+            print(f"salbench: rejected: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    if not _is_main():
+        return EXIT_OK
     print(f"scored {card['id']} (sha256 {card['sha256'][:12]}...): natural acc {res['accuracy'].get('natural', float('nan')):.4f}, "
           f"robust acc {res['accuracy'].get('robust', float('nan')):.4f}, acc on set {res['accuracy']['on_set']:.4f}")
     for m, s in res["summary"].items():
@@ -267,6 +271,9 @@ def _scoring_args(p) -> None:
                         "salbench.benchmark.scoring.register_explainer (default: VG,IG)")
     p.add_argument("--rescore", action="store_true", help="ignore cached results and score again")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--procs", type=_POSITIVE, default=argparse.SUPPRESS, metavar="K",
+                   help="score on K processes through torch's launcher (torch.distributed.run, standalone), "
+                        "each with cores/K threads unless --threads says otherwise (also accepted before the subcommand)")
 
 
 def _only_arg(p) -> None:
@@ -278,6 +285,9 @@ def _only_arg(p) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="salbench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=_THREADS, default=None, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--procs", type=_POSITIVE, default=1, metavar="K",
+                   help="run, leaderboard, score: K processes on this machine through torch.distributed.run "
+                        "(the image set sharded by scoring batches; rank 0 writes); default threads cores/K each")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a zoo model (N, A, G, M1, M2) from a recipe preset",
@@ -392,10 +402,81 @@ def _finish(parser: argparse.ArgumentParser, top: bool = True) -> None:
                 _finish(sub, top=False)
 
 
+DISTRIBUTED_COMMANDS = ("run", "leaderboard", "score")
+
+
+def _is_main() -> bool:
+    from salbench.benchmark import distributed as D
+
+    return D.is_main()
+
+
+def _strip_procs(argv: list[str]) -> list[str]:
+    """``argv`` without its ``--procs K`` / ``--procs=K`` options.
+
+    >>> _strip_procs(["--procs", "2", "run", "--procs=3", "--dataset", "fmnist"])
+    ['run', '--dataset', 'fmnist']
+    """
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--procs":
+            skip = True
+        elif not a.startswith("--procs="):
+            out.append(a)
+    return out
+
+
+def _launch(argv: list[str], procs: int, threads: int | None) -> int:
+    """Run this command line on ``procs`` processes through torch's launcher (``torch.distributed.run``
+    in standalone mode: a local rendezvous, one process per rank); each gets ``threads`` torch threads
+    (default: cores // procs, at least 1). The exit code is the failing rank's, else 0."""
+    import os
+
+    from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    child = _strip_procs(argv)
+    if threads is None:
+        threads = max(1, (os.cpu_count() or 1) // procs)
+        child = ["--threads", str(threads), *child]
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    try:
+        torchrun.main(["--standalone", f"--nproc-per-node={procs}", "--max-restarts=0",
+                       "-m", "salbench.benchmark.cli", *child])
+    except ChildFailedError as e:
+        codes = [f.exitcode for f in e.failures.values()]
+        code = next((c for c in codes if c in (EXIT_BAD_INPUT, EXIT_INTERRUPTED)), None)
+        print(f"salbench: error: {len(codes)} of {procs} processes failed (exit codes {codes}); "
+              "no result or leaderboard file was written by this run", file=sys.stderr)
+        return code if code is not None else EXIT_FAIL
+    return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
+    from salbench.benchmark import distributed as D
+
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    procs = getattr(args, "procs", 1) or 1
+    if procs < 1:
+        parser.error(f"--procs must be >= 1, got {procs}")
+    if D.under_launcher():
+        if D.launched() and args.command == "train":
+            print("salbench: error: `salbench train` does not run under torch.distributed yet; "
+                  "start it as one process", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        if D.launched() and args.command not in DISTRIBUTED_COMMANDS and D.rank_from_env() != 0:
+            return EXIT_OK  # commands that are not sharded run on rank 0 only
+    elif procs > 1:
+        if args.command not in DISTRIBUTED_COMMANDS:
+            parser.error(f"--procs applies to {', '.join(DISTRIBUTED_COMMANDS)}, not {args.command}")
+        return _launch(argv, procs, args.threads)
     _threads(args.threads)
+    if args.command in DISTRIBUTED_COMMANDS:
+        D.init(getattr(args, "device", "cpu"))
     try:
         return args.func(args)
     except KeyboardInterrupt:
@@ -403,8 +484,11 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     except (ValueError, KeyError, FileNotFoundError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"salbench: error: {_plain(str(msg))}", file=sys.stderr)
+        if _is_main():
+            print(f"salbench: error: {_plain(str(msg))}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    finally:
+        D.shutdown()
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
+from salbench.benchmark import distributed as D
 from salbench.benchmark import results as R
 from salbench.benchmark import submit as S
 from salbench.benchmark.imagesets import load_imageset
@@ -27,6 +28,8 @@ def zoo_cards(dataset: str, cards_dir: Path | None = None) -> list[dict]:
 
 
 def _notifier(notify: Callable[[str], None] | None, progress: bool) -> Callable[[str], None]:
+    if not D.is_main():  # under torch.distributed only rank 0 speaks
+        return lambda msg: None
     if notify is not None:
         return notify
     return (lambda msg: print(msg, flush=True)) if progress else (lambda msg: None)
@@ -35,9 +38,12 @@ def _notifier(notify: Callable[[str], None] | None, progress: bool) -> Callable[
 def _cached(dataset: str, sha256: str, config: ScoreConfig, imageset, results_root: Path | None,
             say: Callable[[str], None], label: str) -> dict | None:
     """The stored result for these weights if its identity matches the requested score (announced),
-    else None (and why it is scored is announced)."""
-    res, why = R.find_reusable(dataset, sha256, config=resolve_config(config, dataset).to_dict(),
-                               images_sha256=imageset.images_sha256, n_images=len(imageset), root=results_root)
+    else None (and why it is scored is announced). Under torch.distributed rank 0 decides for every rank."""
+    res, why = None, None
+    if D.is_main():
+        res, why = R.find_reusable(dataset, sha256, config=resolve_config(config, dataset).to_dict(),
+                                   images_sha256=imageset.images_sha256, n_images=len(imageset), root=results_root)
+    res, why = D.broadcast_object((res, why))
     say(why if res is not None else f"scoring {label} ({why}) ...")
     return res
 
@@ -73,11 +79,14 @@ def score_zoo(dataset: str, *, rescore: bool = False, config: ScoreConfig = Scor
         if res is None:
             model = zoo.load(card["id"], cards_dir=cards_dir)
             res = score(model, imageset, config, test_split=test_split, progress=progress)
-            with _lock(dataset, out_dir):
-                R.save_result(res, card, root=results_root)
-            say(f"  done in {res['timings']['total']:.1f} s")
+            if D.is_main():  # under torch.distributed rank 0 alone writes
+                with _lock(dataset, out_dir):
+                    R.save_result(res, card, root=results_root)
+            say(f"  done in {res['timings']['total']:.1f} s"
+                + (f" on {D.world_size()} processes" if D.active() else ""))
         out.append(res)
-    regenerate(dataset, results_root=results_root, out_dir=out_dir, images_sha256=imageset.images_sha256)
+    if D.is_main():
+        regenerate(dataset, results_root=results_root, out_dir=out_dir, images_sha256=imageset.images_sha256)
     return out
 
 
@@ -117,6 +126,8 @@ def submit(path: str | Path, *, arch: str, dataset: str, name: str, notes: str =
     card["natural_accuracy"] = res["accuracy"].get("natural")
     card["robust_accuracy"] = res["accuracy"].get("robust")
     card["robust_protocol"] = res["accuracy"].get("robust_protocol", {})
+    if not D.is_main():  # under torch.distributed rank 0 alone writes
+        return card, res
     with _lock(dataset, out_dir):
         # all or nothing, name and weights checked again under the lock (benchmark.store)
         commit_submission(card, payload, res, images_sha256=imageset.images_sha256, submissions_dir=submissions_dir,

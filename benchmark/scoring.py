@@ -24,7 +24,8 @@ from tqdm.auto import tqdm
 
 from salbench import metrics
 from salbench.metrics import protocol as P
-from salbench.model_zoo.attacks import natural_accuracy, robust_accuracy
+from salbench.benchmark import distributed as D
+from salbench.model_zoo.attacks import natural_correct, robust_correct
 from salbench.model_zoo.data import Split
 from salbench.model_zoo.datasets import SpecView
 
@@ -144,6 +145,29 @@ def resolve_config(config: ScoreConfig, dataset: str) -> ScoreConfig:
     return config
 
 
+def _shard(per: dict, correct: torch.Tensor, mine: set[int], batch_size: int, n: int) -> dict:
+    """This rank's per-image values: {first image of a batch: (correct slice, {method: {metric: slice}})}."""
+    out = {}
+    for b in sorted(mine):
+        sl = slice(b * batch_size, min(n, (b + 1) * batch_size))
+        out[sl.start] = (correct[sl].clone(), {m: {k: (v[:, sl] if k.startswith("ssim") else v[sl]).clone()
+                                            for k, v in d.items()} for m, d in per.items()})
+    return out
+
+
+def _unshard(per: dict, correct: torch.Tensor, shard: dict) -> None:
+    """Copy a rank's ``_shard`` into the full per-image tensors (exact copies, no arithmetic)."""
+    for start, (c, values) in shard.items():
+        sl = slice(start, start + len(c))
+        correct[sl] = c
+        for m, d in values.items():
+            for k, v in d.items():
+                if k.startswith("ssim"):
+                    per[m][k][:, sl] = v
+                else:
+                    per[m][k][sl] = v
+
+
 def _gen(cfg: ScoreConfig, device, *parts) -> torch.Generator:
     key = zlib.crc32("/".join(map(str, parts)).encode())
     return torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + key)
@@ -184,9 +208,17 @@ def score(
 
     The model is scored on ``config.device`` in eval mode with frozen parameters; afterwards the
     caller's ``model`` is back on its device, in its train/eval modes, with its ``requires_grad`` flags.
+
+    Under ``torch.distributed`` (an initialised group of K > 1 processes, e.g. ``torchrun`` or
+    ``salbench --procs K``; ``benchmark.distributed``) every rank calls this with the same arguments:
+    rank r scores the scoring batches r, r + K, ... (the same batch boundaries and random draws as one
+    process) and its share of the accuracy batches; the per-image values are gathered, and every rank
+    returns the same dict, equal in every per-image value to a single-process run on the same device
+    type. A bare ``device="cuda"`` means ``cuda:<LOCAL_RANK>`` there.
     """
     cfg = resolve_config(config, imageset.dataset)
-    device = torch.device(cfg.device)
+    device = D.device_for(cfg.device)
+    progress = progress and D.is_main()
     state = _ModelState.capture(model)
     try:
         model = model.to(device).eval()
@@ -240,9 +272,10 @@ def _score(model: nn.Module, imageset, cfg: ScoreConfig, device: torch.device, *
                "road": torch.zeros(n, len(cfg.road_percentages), dtype=torch.bool)} for m in cfg.methods}
     explainers = {m: explainer_for(m, cfg) for m in cfg.methods}
     nb = math.ceil(n / cfg.batch_size)
+    mine = set(D.my_batches(nb))  # all batches in one process; r, r + K, ... on rank r of K
     # one tick per (batch, method, stage): an IG stage at CIFAR/ImageNette size takes minutes on a CPU
     stages = ("attribution", "ssim", "ros", "road")
-    bar = tqdm(total=nb * len(cfg.methods) * len(stages), desc=f"scoring {imageset.dataset}", disable=not progress,
+    bar = tqdm(total=len(mine) * len(cfg.methods) * len(stages), desc=f"scoring {imageset.dataset}", disable=not progress,
                leave=False, unit="stage")
 
     def step(m: str, stage: str) -> None:
@@ -250,6 +283,8 @@ def _score(model: nn.Module, imageset, cfg: ScoreConfig, device: torch.device, *
         bar.update(1)
 
     for start, x, y in imageset.batches(cfg.batch_size):
+        if start // cfg.batch_size not in mine:
+            continue
         x, y = x.to(device), y.to(device)
         sl = slice(start, start + len(y))
         t0 = time.perf_counter()
@@ -286,20 +321,36 @@ def _score(model: nn.Module, imageset, cfg: ScoreConfig, device: torch.device, *
             tick(f"{m}/road", t0)
             step(m, "road")
     bar.close()
+    if D.active():  # every rank gets every batch's values (each batch scored by exactly one rank)
+        shards = D.all_gather_object(_shard(per, correct, mine, cfg.batch_size, n))
+        for shard in shards:
+            _unshard(per, correct, shard)
     metrics_seconds = time.perf_counter() - t_start
 
     acc = {"on_set": float(correct.float().mean())}
     if cfg.accuracy and test_split is not None:
+        # the same evaluation batches as one process (natural_accuracy's 1000, robust_accuracy's 500)
         t0 = time.perf_counter()
-        acc["natural"] = natural_accuracy(model, test_split.images, test_split.labels)
+        nat_bs = 1000
+        nat = natural_correct(model, test_split.images, test_split.labels, batch_size=nat_bs,
+                              batches=D.my_batches(math.ceil(len(test_split) / nat_bs)))
+        acc["natural"] = D.all_sum(nat) / max(len(test_split), 1)
         tick("natural_accuracy", t0)
         t0 = time.perf_counter()
         k = min(ROBUST_EVAL_IMAGES, len(test_split))
         rob = ROBUST_EVAL[imageset.dataset]
-        acc["robust"] = robust_accuracy(model, test_split.images[:k], test_split.labels[:k], **rob,
-                                        progress=progress)
+        rob_bs = 500
+        rc = robust_correct(model, test_split.images[:k], test_split.labels[:k], **rob, batch_size=rob_bs,
+                            progress=progress, batches=D.my_batches(math.ceil(k / rob_bs)))
+        acc["robust"] = D.all_sum(rc) / max(k, 1)
         acc["robust_protocol"] = {**rob, "images": f"first {k} test images", "random_start": True}
         tick("robust_accuracy", t0)
+    if D.active():  # stage times summed over the ranks (process-seconds); total and metrics_total: wall clock
+        own = dict(timings)
+        timings.clear()
+        for t in D.all_gather_object(own):
+            for key, v in t.items():
+                timings[key] = timings.get(key, 0.0) + v
 
     summary, per_image = {}, {"correct": correct.int().tolist()}
     for m in cfg.methods:
@@ -329,6 +380,8 @@ def _score(model: nn.Module, imageset, cfg: ScoreConfig, device: torch.device, *
     timings = {k: round(v, 3) for k, v in timings.items()}
     timings["metrics_total"] = round(metrics_seconds, 3)
     timings["total"] = round(time.perf_counter() - t_start, 3)
+    if D.active():
+        timings["processes"] = D.world_size()
     return {
         "protocol": P.PROTOCOL_VERSION,
         "dataset": imageset.dataset,

@@ -3,6 +3,8 @@ robust accuracy (PROTOCOL §3 "Accuracy", §5)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -90,29 +92,76 @@ def robust_accuracy(
     ``x`` may be uint8 (converted to [0, 1]) or float in [0, 1]. Evaluated in batches, with
     one seeded generator for the random starts; the model is put in eval mode.
     """
+    correct = robust_correct(model, x, y, eps=eps, alpha=alpha, steps=steps, batch_size=batch_size, seed=seed,
+                             progress=progress)
+    return correct / max(len(x), 1)
+
+
+def robust_correct(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    *,
+    eps: float,
+    alpha: float,
+    steps: int,
+    batch_size: int = 500,
+    seed: int = 0,
+    progress: bool = False,
+    batches: Iterable[int] | None = None,
+) -> int:
+    """Number of images still classified correctly under ``pgd_linf``, over the evaluation batches
+    ``batches`` (indices of ``batch_size`` slices; None: all), as :func:`robust_accuracy` counts them.
+
+    The random starts come from one generator seeded ``seed`` that runs over the batches in order.
+    A batch that is not evaluated still advances it by exactly the draw it would have made (the
+    random start of its shape, no model call), so the starts of an evaluated batch, and therefore
+    the count, do not depend on which other batches this call evaluates: shards of the batches
+    summed over processes give the single-process number (bit for bit on the same device type).
+    """
     from tqdm.auto import tqdm
 
     model.eval()
     device = next(model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(seed)
+    starts = list(range(0, len(x), batch_size))
+    wanted = set(range(len(starts)) if batches is None else batches)
+    last = max(wanted, default=-1)
     correct = 0
-    for i in tqdm(range(0, len(x), batch_size), desc="robust acc", disable=not progress, leave=False):
+    for b in tqdm(range(last + 1), desc="robust acc", disable=not progress, leave=False):
+        i = starts[b]
+        if b not in wanted:  # advance the generator as pgd_linf's random start would
+            if eps > 0:
+                shape = (min(batch_size, len(x) - i), *x.shape[1:])
+                torch.rand(shape, generator=gen, device=device,
+                           dtype=torch.float32 if x.dtype == torch.uint8 else x.dtype)
+            continue
         xb = x[i : i + batch_size].to(device)
         xb = xb.float() / 255 if xb.dtype == torch.uint8 else xb
         yb = y[i : i + batch_size].to(device)
         adv = pgd_linf(model, xb, yb, eps=eps, alpha=alpha, steps=steps, generator=gen)
         correct += int(_correct(model, adv, yb).sum())
-    return correct / max(len(x), 1)
+    return correct
 
 
 @torch.no_grad()
 def natural_accuracy(model: nn.Module, x: Tensor, y: Tensor, *, batch_size: int = 1000) -> float:
     """Clean accuracy of ``model`` on uint8 or [0, 1] float images (eval mode)."""
+    return natural_correct(model, x, y, batch_size=batch_size) / max(len(x), 1)
+
+
+@torch.no_grad()
+def natural_correct(model: nn.Module, x: Tensor, y: Tensor, *, batch_size: int = 1000,
+                    batches: Iterable[int] | None = None) -> int:
+    """Number of correctly classified images over the evaluation batches ``batches`` (indices of
+    ``batch_size`` slices; None: all), as :func:`natural_accuracy` counts them."""
     model.eval()
     device = next(model.parameters()).device
+    starts = list(range(0, len(x), batch_size))
     correct = 0
-    for i in range(0, len(x), batch_size):
+    for b in (range(len(starts)) if batches is None else batches):
+        i = starts[b]
         xb = x[i : i + batch_size].to(device)
         xb = xb.float() / 255 if xb.dtype == torch.uint8 else xb
         correct += int(_correct(model, xb, y[i : i + batch_size].to(device)).sum())
-    return correct / max(len(x), 1)
+    return correct
