@@ -82,8 +82,11 @@ def cmd_train(args) -> int:
     from salbench.model_zoo.training import train
 
     recipe = get_recipe(args.dataset, args.preset, args.variant, placement=args.placement, seed=args.seed)
-    train(recipe, work_dir=args.work_dir, out_dir=args.out, resume=not args.no_resume, device=args.device,
-          progress=not args.quiet)
+    from salbench.benchmark.distributed import device_for
+
+    # under torch.distributed a bare "cuda" is this process's cuda:<LOCAL_RANK>
+    train(recipe, work_dir=args.work_dir, out_dir=args.out, resume=not args.no_resume,
+          device=str(device_for(args.device)), progress=not args.quiet)
     return EXIT_OK
 
 
@@ -286,8 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="salbench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=_THREADS, default=None, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--procs", type=_POSITIVE, default=1, metavar="K",
-                   help="run, leaderboard, score: K processes on this machine through torch.distributed.run "
-                        "(the image set sharded by scoring batches; rank 0 writes); default threads cores/K each")
+                   help="run, leaderboard, score, train: K processes on this machine through torch.distributed.run "
+                        "(scoring: the image set sharded by scoring batches; training: DDP; rank 0 writes); "
+                        "default threads cores/K each")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a zoo model (N, A, G, M1, M2) from a recipe preset",
@@ -305,6 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", type=_device, default="cpu", help="cpu, cuda, cuda:1, ...")
     t.add_argument("--no-resume", action="store_true", help="start from scratch even if a checkpoint exists")
     t.add_argument("--quiet", action="store_true")
+    t.add_argument("--procs", type=_POSITIVE, default=argparse.SUPPRESS, metavar="K",
+                   help="train on K processes (DistributedDataParallel, batch/K per process) through torch.distributed.run")
     t.set_defaults(func=cmd_train)
 
     i = sub.add_parser("imageset", help="build or verify the fixed image set of a dataset (PROTOCOL §4)")
@@ -402,7 +408,7 @@ def _finish(parser: argparse.ArgumentParser, top: bool = True) -> None:
                 _finish(sub, top=False)
 
 
-DISTRIBUTED_COMMANDS = ("run", "leaderboard", "score")
+DISTRIBUTED_COMMANDS = ("run", "leaderboard", "score", "train")
 
 
 def _is_main() -> bool:
@@ -464,10 +470,6 @@ def main(argv: list[str] | None = None) -> int:
     if procs < 1:
         parser.error(f"--procs must be >= 1, got {procs}")
     if D.under_launcher():
-        if D.launched() and args.command == "train":
-            print("salbench: error: `salbench train` does not run under torch.distributed yet; "
-                  "start it as one process", file=sys.stderr)
-            return EXIT_BAD_INPUT
         if D.launched() and args.command not in DISTRIBUTED_COMMANDS and D.rank_from_env() != 0:
             return EXIT_OK  # commands that are not sharded run on rank 0 only
     elif procs > 1:

@@ -20,6 +20,7 @@ def pgd_linf(
     steps: int,
     generator: torch.Generator | None = None,
     random_start: bool = True,
+    start: Tensor | None = None,
 ) -> Tensor:
     """Projected gradient ascent on the cross-entropy inside the L∞ ball of radius ``eps``.
 
@@ -33,6 +34,8 @@ def pgd_linf(
         eps, alpha, steps: radius, step size and number of steps, in [0, 1] pixel units.
         generator: the random start's generator (on x's device); None -> seeded 0.
         random_start: start from a uniform point of the ball (Madry) instead of x.
+        start: the starting point itself (inside the ball, in [0, 1]; then no draw is made): a
+            distributed trainer draws the random start of the whole batch and passes each rank its share.
 
     Returns:
         Adversarial images (B, C, H, W), detached, with ``|x_adv - x| <= eps``.
@@ -55,7 +58,9 @@ def pgd_linf(
     x = x.detach()
     if generator is None:
         generator = torch.Generator(device=x.device).manual_seed(0)
-    if random_start and eps > 0:
+    if start is not None:
+        x_adv = start.detach().clone()
+    elif random_start and eps > 0:
         noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         x_adv = (x + (2 * noise - 1) * eps).clamp_(0, 1)
     else:

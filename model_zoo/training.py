@@ -117,6 +117,21 @@ def _epoch_gen(seed: int, epoch: int, stream: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + epoch * 101 + stream)
 
 
+def _dist() -> tuple[int, int]:
+    """(rank, world size) of the initialised torch.distributed group, (0, 1) without one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _share(n: int, rank: int, world: int) -> slice:
+    """Rank ``rank``'s contiguous share of a global batch of ``n`` (sizes differ by at most 1)."""
+    bounds = [(n * r) // world for r in range(world + 1)]
+    return slice(bounds[rank], bounds[rank + 1])
+
+
 def train(
     recipe: Recipe,
     *,
@@ -138,9 +153,23 @@ def train(
         out_dir: the zoo folder receiving weights + card (default: the package's zoo).
         stop_after_epoch: stop (without publishing) after this epoch; for tests of resume.
 
+    Under torch.distributed (``torchrun ... salbench train`` or ``salbench --procs K train``) with K > 1
+    processes: DistributedDataParallel, each global batch of ``recipe.batch_size`` (the same seeded
+    order, augmentation and PGD random starts as one process) split into K contiguous shares of
+    batch/K (an error if K does not divide the batch), PGD on each rank's share, the loss scaled so
+    that the averaged gradient is the global batch's mean; SyncBatchNorm for architectures with
+    BatchNorm. Rank 0 alone writes epoch checkpoints, the weights and the card (which records
+    ``world_size``); every rank resumes from the same checkpoint. The weights equal a one-process run
+    up to the order of float reductions.
+
     Returns:
-        The card written, or None when stopped early.
+        The card written, or None when stopped early (and on ranks other than 0).
     """
+    rank, world = _dist()
+    if world > 1 and recipe.batch_size % world:
+        raise ValueError(f"the recipe's batch size {recipe.batch_size} is not divisible by the {world} processes")
+    if rank:
+        progress = False
     mid = model_id_for(recipe)
     run_dir = Path(work_dir) / mid
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -155,6 +184,15 @@ def train(
     torch.manual_seed(recipe.seed)
     model = build(recipe.arch, num_classes=NUM_CLASSES[recipe.dataset], dataset=recipe.dataset,
                   smoothing=recipe.smoothing).to(device)
+    net = model  # what the training step calls: the model itself, or its DDP wrapper
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # same state-dict keys
+        dev = torch.device(device)
+        net = DDP(model, device_ids=[dev.index if dev.index is not None else torch.cuda.current_device()]
+                  if dev.type == "cuda" else None)
     opt = make_optimizer(recipe, model.parameters())
     base_opt = opt.inner if isinstance(opt, Lookahead) else opt
     sched = torch.optim.lr_scheduler.MultiStepLR(base_opt, milestones=list(recipe.lr_milestones), gamma=recipe.lr_gamma)
@@ -188,6 +226,29 @@ def train(
             idx = order[i : i + recipe.batch_size]
             x = _augment(x_all[idx].to(device).float().div_(255), recipe.augment, aug_gen)
             y = y_all[idx].to(device)
+            if world > 1:  # this rank's share of the global batch; the random starts drawn for all of it
+                sh = _share(len(idx), rank, world)
+                start = None
+                if recipe.adversarial and recipe.attack_eps > 0:
+                    noise = torch.rand(x.shape, generator=atk_gen, device=x.device, dtype=x.dtype)
+                    start = (x + (2 * noise - 1) * recipe.attack_eps).clamp_(0, 1)[sh]
+                x, y = x[sh], y[sh]
+                if recipe.adversarial:
+                    model.eval()
+                    x = pgd_linf(model, x, y, eps=recipe.attack_eps, alpha=recipe.attack_alpha,
+                                 steps=recipe.attack_steps, generator=atk_gen, start=start)
+                    model.train()
+                logits = net(x)
+                ce_sum = F.cross_entropy(logits, y, reduction="sum")
+                loss = ce_sum * (world / len(idx))  # DDP averages over ranks: the global batch's mean
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                tot_loss += float(ce_sum.detach())
+                tot_correct += int((logits.argmax(1) == y).sum())
+                seen += len(y)
+                continue
             if recipe.adversarial:
                 model.eval()
                 x = pgd_linf(model, x, y, eps=recipe.attack_eps, alpha=recipe.attack_alpha,
@@ -203,6 +264,12 @@ def train(
             tot_correct += int((logits.argmax(1) == y).sum())
             seen += len(y)
             bar.set_postfix(loss=f"{tot_loss / seen:.4f}", acc=f"{tot_correct / seen:.3f}", refresh=False)
+        if world > 1:  # the epoch's statistics over every rank's shares (each rank computed the same test_acc)
+            import torch.distributed as dist
+
+            stats = [None] * world
+            dist.all_gather_object(stats, (tot_loss, tot_correct, seen))
+            tot_loss, tot_correct, seen = (sum(v) for v in zip(*stats))
         test_acc = natural_accuracy(model, test_split.images, test_split.labels)
         history.append({"epoch": epoch + 1, "train_loss": tot_loss / seen, "train_acc": tot_correct / seen,
                         "test_acc": test_acc, "seconds": round(time.time() - t0, 1)})
@@ -212,28 +279,34 @@ def train(
                   f"train acc {h['train_acc']:.4f} test acc {h['test_acc']:.4f} ({h['seconds']} s)", flush=True)
         if recipe.select == "best_val" and (best is None or test_acc > best["test_acc"]):
             best = {"epoch": epoch + 1, "test_acc": test_acc}
-            tmp = (run_dir / BEST_NAME).with_suffix(".tmp")
-            torch.save(model.state_dict(), tmp)
-            tmp.replace(run_dir / BEST_NAME)
+            if rank == 0:
+                tmp = (run_dir / BEST_NAME).with_suffix(".tmp")
+                torch.save(model.state_dict(), tmp)
+                tmp.replace(run_dir / BEST_NAME)
         state = {"epoch": epoch + 1, "model": model.state_dict(), "optimizer": opt.state_dict(),
                  "scheduler": sched.state_dict(), "history": history, "recipe": recipe.to_dict(),
                  "torch_rng": torch.get_rng_state(), "best": best}
-        tmp = ckpt_path.with_suffix(".tmp")
-        torch.save(state, tmp)
-        tmp.replace(ckpt_path)
+        if rank == 0:
+            tmp = ckpt_path.with_suffix(".tmp")
+            torch.save(state, tmp)
+            tmp.replace(ckpt_path)
+        if world > 1:
+            torch.distributed.barrier()  # every rank past the epoch once its checkpoint is on disk
         if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch and epoch + 1 < recipe.epochs:
             return None
 
+    if rank:
+        return None  # rank 0 publishes
     if recipe.select == "best_val" and best is not None:
         model.load_state_dict(torch.load(run_dir / BEST_NAME, map_location=device, weights_only=True))
         if progress:
             print(f"[{mid}] publishing epoch {best['epoch']} (best held-out accuracy {best['test_acc']:.4f})")
     return publish(model, recipe, history, out_dir=out_dir, test_split=test_split, progress=progress,
-                   selected_epoch=best["epoch"] if best is not None else len(history))
+                   selected_epoch=best["epoch"] if best is not None else len(history), world_size=world)
 
 
 def publish(model: nn.Module, recipe: Recipe, history: list, *, out_dir=None, test_split: Split,
-            progress: bool = True, selected_epoch: int | None = None) -> dict:
+            progress: bool = True, selected_epoch: int | None = None, world_size: int = 1) -> dict:
     """Measure natural (full test split) and robust (first 1000 test images) accuracy and write
     the weights + card atomically (PROTOCOL §3 "Accuracy")."""
     mid = model_id_for(recipe)
@@ -259,7 +332,8 @@ def publish(model: nn.Module, recipe: Recipe, history: list, *, out_dir=None, te
         robust_protocol={"attack": "pgd_linf", "eps": recipe.eval_eps, "alpha": recipe.eval_alpha,
                          "steps": recipe.eval_steps, "random_start": True, "images": f"first {m} test images",
                          "seed": 0},
-        extra={"history": history, **({"selected_epoch": selected_epoch} if recipe.select != "last" else {})},
+        extra={"history": history, **({"selected_epoch": selected_epoch} if recipe.select != "last" else {}),
+               **({"world_size": world_size} if world_size > 1 else {})},
     )
     zoo.atomic_write_json(out / "cards" / f"{mid}.json", card)
     if progress:
