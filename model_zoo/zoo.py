@@ -238,14 +238,21 @@ def load_checkpoint(
 
 
 # ----------------------------------------------------------------------------- cards
-def card_path(model_id: str) -> Path:
-    return default_cards_dir() / f"{model_id}.json"
+def read_card(path: Path) -> dict:
+    """A card file as a dict; a damaged one is a ``ValueError`` that names the file."""
+    try:
+        card = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"zoo card {path} is unreadable ({e}); restore it from git or delete it") from None
+    if not isinstance(card, dict) or not isinstance(card.get("id"), str):
+        raise ValueError(f"zoo card {path} is not a card (expected a JSON object with an 'id')")
+    return card
 
 
 def list_cards(dataset: str | None = None, cards_dir: Path | None = None) -> list[dict]:
     cards = []
     for p in sorted((cards_dir or default_cards_dir()).glob("*.json")):
-        card = json.loads(p.read_text())
+        card = read_card(p)
         if dataset is None or card.get("dataset") == dataset:
             cards.append(card)
     return cards
@@ -256,7 +263,7 @@ def get_card(model_id: str, cards_dir: Path | None = None) -> dict:
     if not p.is_file():
         known = ", ".join(c["id"] for c in list_cards(cards_dir=cards_dir)) or "none"
         raise KeyError(f"no zoo card {model_id!r} (known: {known})")
-    return json.loads(p.read_text())
+    return read_card(p)
 
 
 def weights_path(card: dict, cards_dir: Path | None = None) -> Path:

@@ -299,3 +299,16 @@ def test_make_card_has_every_field(tmp_path):
     _, card, _ = _published(tmp_path)
     assert set(zoo.CARD_FIELDS) <= set(card)
     assert card["card_schema"] == zoo.CARD_SCHEMA_VERSION
+
+
+def test_a_damaged_card_is_named(tmp_path):
+    """A truncated or foreign file among the cards gives an error naming it, not a bare parser error."""
+    from salbench.model_zoo.zoo import list_cards
+
+    (tmp_path / "good.json").write_text('{"id": "good", "dataset": "fmnist"}')
+    (tmp_path / "bad.json").write_text('{"id": "bad", "data')
+    with pytest.raises(ValueError, match=r"bad\.json is unreadable"):
+        list_cards("fmnist", cards_dir=tmp_path)
+    (tmp_path / "bad.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"bad\.json is not a card"):
+        list_cards(cards_dir=tmp_path)
