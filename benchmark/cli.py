@@ -258,6 +258,15 @@ def _print_verdicts(dataset: str, model_id: str) -> None:
     if df.empty:
         print(f"  (no reference A/G results on the {dataset} board to compare with)")
         return
+    board = pd.read_csv(leaderboards_dir() / f"{dataset}.csv")
+    for method, rows in board.groupby("method", sort=False):
+        if model_id not in set(rows["id"]):
+            continue
+        ranks = []
+        for metric, higher in (("gini", True), ("ssim_mean", True), ("log10_ros", False), ("aopc", True)):
+            order = rows.sort_values(metric, ascending=not higher)["id"].tolist()
+            ranks.append(f"{metric} {order.index(model_id) + 1}/{len(order)}")
+        print(f"  rank among the {len(rows)} {method} rows (1 = best): " + ", ".join(ranks))
     print(f"verdicts vs the reference models (paired over the set, 95% CI of the difference; {path.name}):")
     for _, r in df.iterrows():
         print(f"  vs {r['reference']:<32s} {r['method']:3s} {r['metric']:<10s} {r['delta']:+.4f} "

@@ -105,7 +105,8 @@ def leaderboard_tables(results: list[dict], *, stats: bool = True,
             put(row, "log10_ros", s["log10_ros"])
             put(row, "ros_nan_fraction", s["ros_nan_fraction"])
             put(row, "aopc", s["aopc"])
-            row.update({"n_images": r["imageset"]["n"], "protocol": r["protocol"], "sha256": m["sha256"]})
+            row.update({"n_images": r["imageset"]["n"], "protocol": r["protocol"], "sha256": m["sha256"],
+                        "name": m.get("name") or "", "notes": m.get("notes") or ""})
             rows.append(row)
             for sigma, v in s["ssim"].items():
                 sr = {"id": m["id"], "variant": m.get("variant"), "method": method, "sigma": float(sigma), "ssim": v}

@@ -39,7 +39,7 @@ def results_dir() -> Path:
 
 # card fields copied into each result so a leaderboard needs nothing else
 MODEL_FIELDS = ("id", "dataset", "arch", "variant", "preset", "source", "sha256", "natural_accuracy",
-                "robust_accuracy", "num_params", "smoothing", "notes")
+                "robust_accuracy", "num_params", "smoothing", "notes", "name")
 
 
 def result_path(dataset: str, sha256: str, protocol: str = PROTOCOL_VERSION, root: Path | None = None) -> Path:

@@ -96,6 +96,7 @@ def test_a_scored_submission_prints_its_verdicts_against_the_reference_a_and_g(e
     _print_verdicts("fmnist", card["id"])
     out = capsys.readouterr().out
     assert "verdicts vs the reference models" in out and "leaderboards/fmnist.csv" in out
+    assert "rank among the 4 VG rows (1 = best): gini " in out  # N, A, G and the submission
     for ref in (env["refs"]["A"], env["refs"]["G"]):
         assert f"vs {ref}" in out
     assert any(v in out for v in ("better", "worse", "no detectable difference"))
