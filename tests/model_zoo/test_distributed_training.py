@@ -77,3 +77,39 @@ def test_batch_must_divide_by_the_world_size(monkeypatch, tiny_fmnist, tmp_path)
     with pytest.raises(ValueError, match="not divisible by the 3 processes"):
         train(RECIPE, work_dir=tmp_path, out_dir=tmp_path, progress=False, train_split=tiny_fmnist[0],
               test_split=tiny_fmnist[1])
+
+
+def _rank_resume(rank: int, world: int, init_file: str, root: str, splits, stop_after: int | None) -> None:
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        card = train(RECIPE, work_dir=Path(root) / "runs", out_dir=Path(root) / "zoo", progress=False,
+                     train_split=splits[0], test_split=splits[1], resume=True, stop_after_epoch=stop_after)
+        Path(root, f"rank{rank}-{stop_after}.json").write_text(json.dumps(card))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_a_run_stopped_under_two_ranks_resumes_from_its_epoch_checkpoint(tmp_path, tiny_fmnist):
+    """A 2-rank run that stops after epoch 1 (as a killed run leaves only its epoch checkpoint)
+    resumes on 2 ranks from that checkpoint and ends with the uninterrupted run's weights
+    (same 1e-5 tolerance and reasoning as the one-process equivalence above)."""
+    _gloo_or_skip()
+    import torch.multiprocessing as mp
+
+    torch.set_num_threads(1)
+    one = tmp_path / "one"
+    ref = train(RECIPE, work_dir=one / "runs", out_dir=one / "zoo", progress=False, train_split=tiny_fmnist[0],
+                test_split=tiny_fmnist[1], resume=False)
+    two = tmp_path / "two"
+    for k, stop in enumerate((1, None)):
+        mp.start_processes(_rank_resume, args=(2, str(tmp_path / f"rdzv{k}"), str(two), tiny_fmnist, stop), nprocs=2,
+                           join=True, start_method="spawn")
+        ck = torch.load(two / "runs" / MID / CKPT_NAME, weights_only=True)
+        assert ck["epoch"] == (1 if stop else RECIPE.epochs)
+    assert json.loads((two / "rank0-1.json").read_text()) is None  # stopped: nothing published
+    card = json.loads((two / "rank0-None.json").read_text())
+    a, b = read_state_dict(one / "zoo" / "checkpoints" / ref["weights"]), read_state_dict(
+        two / "zoo" / "checkpoints" / card["weights"])
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-5, msg=key)
