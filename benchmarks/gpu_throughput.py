@@ -91,6 +91,12 @@ def main(argv=None):
     ap.add_argument("--smoke", action="store_true", help="tiny sizes: checks the script runs (any machine)")
     ap.add_argument("--train-steps", type=int, default=200)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--nproc-per-node", type=int, default=0,
+                    help="also score one zoo model with 1, 2, 4, ... up to this many processes (one GPU each; "
+                         "torch.distributed via salbench --procs) and report the scaling")
+    ap.add_argument("--scaling-model", default="cifar10-resnet8-G-cpu-resnet8")
+    ap.add_argument("--scaling-batch-size", type=int, default=125,
+                    help="scoring batch size of the scaling runs (the set is sharded by whole batches)")
     a = ap.parse_args(argv)
     device = torch.device(a.device)
     if device.type == "cuda":
@@ -121,6 +127,16 @@ def main(argv=None):
                       2 if s else max(a.train_steps // 4, 10), 1 / 255, 2 / 255, 2 if s else 20)
     report["pgd_training"]["imagenette-resnet18-pgd20"] = tr
     print(f"PGD-20 training resnet18: {tr['steps_per_s']:.2f} steps/s, {tr['images_per_s']:.0f} images/s", flush=True)
+    if a.nproc_per_node:
+        sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
+        from procs_scaling import scaling
+
+        counts = sorted({1, a.nproc_per_node} | {2 ** i for i in range(8) if 2 ** i < a.nproc_per_node})
+        r = scaling(a.scaling_model, a.scaling_model.split("-")[0], counts, device=a.device,
+                    batch_size=a.scaling_batch_size)
+        report["procs_scaling"] = r
+        print(f"scoring {a.scaling_model} with {counts} processes: {r['seconds']} s, speed-up {r['speedup']}, "
+              f"identical values: {r['identical']}", flush=True)
     if a.out:
         with open(a.out, "w") as f:
             json.dump(report, f, indent=2)

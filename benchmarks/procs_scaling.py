@@ -22,13 +22,32 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _score(model: str, dataset: str, procs: int, lb: str) -> float:
+def _score(model: str, dataset: str, procs: int, lb: str, device: str = "cpu", batch_size: int | None = None) -> float:
     cmd = [sys.executable, "-m", "salbench.benchmark.cli", "--threads", "1", "--procs", str(procs), "leaderboard",
-           "--dataset", dataset, "--only", model, "--rescore", "--quiet"]
+           "--dataset", dataset, "--only", model, "--rescore", "--quiet", "--device", device]
+    if batch_size:
+        cmd += ["--batch-size", str(batch_size)]
     t0 = time.perf_counter()
     subprocess.run(cmd, cwd=REPO, env={**os.environ, "SALBENCH_LEADERBOARDS_DIR": lb, "OMP_NUM_THREADS": "1"},
                    check=True, stdout=subprocess.DEVNULL)
     return time.perf_counter() - t0
+
+
+def scaling(model: str, dataset: str, procs: list[int], device: str = "cpu", batch_size: int | None = None) -> dict:
+    """Wall time of scoring ``model`` from scratch with each process count in ``procs`` (into
+    temporary boards), the speed-up over the first, and whether every run stored the same values."""
+    out, first = {"model": model, "device": device, "procs": procs, "seconds": {}, "speedup": {}}, None
+    for k in procs:
+        with tempfile.TemporaryDirectory() as lb:
+            out["seconds"][k] = round(_score(model, dataset, k, lb, device, batch_size), 1)
+            (f,) = Path(lb, "results", dataset).glob("*.json")
+            doc = json.loads(f.read_text())
+        values = (doc["per_image"], doc["accuracy"])
+        first = first or (k, values)
+        out["speedup"][k] = round(out["seconds"][first[0]] / out["seconds"][k], 2)
+        out.setdefault("identical", True)
+        out["identical"] = out["identical"] and values == first[1]
+    return out
 
 
 def main() -> None:
