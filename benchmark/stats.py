@@ -122,7 +122,12 @@ class _Columns:
         add("ros_ok", ok)
         add("ros_v", np.where(ok, pi.ros, 0.0))
         add("ros_finite", np.isfinite(pi.ros))
-        add("aopc", pi.aopc_terms)
+        # AOPC as its integer numerator per image (sum over levels of r_1% - r_p, each 0/1): the
+        # count-weighted sums are then exact integers whatever the BLAS summation order, so the
+        # bootstrap values that tie with the estimate tie exactly and BCa's bias term is reproducible
+        r = pi.road.astype(np.float64)
+        add("aopc_num", (r[:, :1] - r).sum(axis=1))
+        self.aopc_den = r.shape[1] + 1
         for j, p in enumerate(pi.road_levels):
             add(f"road@{p}", pi.road[:, j])
         add("acc_on_set", pi.correct)
@@ -150,7 +155,7 @@ class _Columns:
                 elif name == "ros_nan_fraction":
                     v = 1.0 - col("ros_finite") / one
                 elif name == "aopc":
-                    v = col("aopc") / one
+                    v = col("aopc_num") / (one * self.aopc_den)
                 elif name.startswith("road@"):
                     v = col(name) / one
                 elif name == "acc_on_set":

@@ -174,3 +174,17 @@ def test_claim_status_and_across_seeds():
     assert C.across_seeds(["holds", "holds"], [-0.1, -0.12], 0.2) == "undecided"  # spread larger than the gap
     assert C.across_seeds(["holds", "holds"], [-0.1, -0.12], 0.05) == "holds"
     assert C.across_seeds(["holds", "holds"], [0.001, 0.0], float("nan"), gap=False) == "holds"
+
+
+def test_discrete_aggregates_do_not_depend_on_the_summation_order():
+    """AOPC, accuracy and NaN fraction take few distinct values, so many bootstrap resamples tie
+    with the estimate and BCa's bias term counts them: their sums must be exact (integer
+    numerators), or another BLAS summation order (e.g. OMP_NUM_THREADS=1) shifts the interval."""
+    pi = _pi(300, seed=9)
+    c = S._Columns(pi)
+    rng = np.random.default_rng(0)
+    counts = S._counts(rng.integers(0, 300, (50, 300)), 300)
+    forward = counts @ c.matrix
+    backward = (counts[:, ::-1] @ c.matrix[::-1]).copy()  # the same sums, added in the other order
+    names = ["aopc", "acc_on_set", "ros_nan_fraction", "road@6"]
+    assert np.array_equal(c.aggregates(forward, names), c.aggregates(backward, names))
