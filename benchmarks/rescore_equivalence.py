@@ -46,6 +46,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from salbench.model_zoo.smoothing import SmoothBlock  # noqa: E402
+from smoothing_step_table import write_section  # noqa: E402  (same folder: the doc's generated sections)
 
 NEW_FORWARD = SmoothBlock.forward
 
@@ -157,18 +158,6 @@ def markdown(report: dict) -> str:
                          + f". Scoring took {per_path[p]['seconds']:.0f} s.")
         lines.append("")
     return "\n".join(lines)
-
-
-def write_section(doc: Path, name: str, body: str) -> None:
-    begin, end = f"<!-- BEGIN {name} (generated) -->", f"<!-- END {name} -->"
-    text = doc.read_text() if doc.exists() else "# SmoothBlock: speed and equivalence\n"
-    block = f"{begin}\n{body.rstrip()}\n{end}"
-    if begin in text and end in text:
-        text = text[: text.index(begin)] + block + text[text.index(end) + len(end):]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    doc.parent.mkdir(parents=True, exist_ok=True)
-    doc.write_text(text)
 
 
 def main(argv=None) -> int:

@@ -24,13 +24,15 @@ def _gloo_or_skip() -> None:
         pytest.skip("torch.distributed with the gloo backend is not available in this build")
 
 
-def _rank_main(rank: int, world: int, init_file: str, root: str, splits) -> None:
+def _rank_main(rank: int, world: int, init_file: str, root: str, splits, stop_after: int | None = None,
+               resume: bool = False) -> None:
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         card = train(RECIPE, work_dir=Path(root) / "runs", out_dir=Path(root) / "zoo", progress=False,
-                     train_split=splits[0], test_split=splits[1], resume=False)
-        Path(root, f"rank{rank}.json").write_text(json.dumps(card))
+                     train_split=splits[0], test_split=splits[1], resume=resume, stop_after_epoch=stop_after)
+        name = f"rank{rank}.json" if not resume else f"rank{rank}-{stop_after}.json"
+        Path(root, name).write_text(json.dumps(card))
     finally:
         torch.distributed.destroy_process_group()
 
@@ -79,17 +81,6 @@ def test_batch_must_divide_by_the_world_size(monkeypatch, tiny_fmnist, tmp_path)
               test_split=tiny_fmnist[1])
 
 
-def _rank_resume(rank: int, world: int, init_file: str, root: str, splits, stop_after: int | None) -> None:
-    torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        card = train(RECIPE, work_dir=Path(root) / "runs", out_dir=Path(root) / "zoo", progress=False,
-                     train_split=splits[0], test_split=splits[1], resume=True, stop_after_epoch=stop_after)
-        Path(root, f"rank{rank}-{stop_after}.json").write_text(json.dumps(card))
-    finally:
-        torch.distributed.destroy_process_group()
-
-
 def test_a_run_stopped_under_two_ranks_resumes_from_its_epoch_checkpoint(tmp_path, tiny_fmnist):
     """A 2-rank run that stops after epoch 1 (as a killed run leaves only its epoch checkpoint)
     resumes on 2 ranks from that checkpoint and ends with the uninterrupted run's weights
@@ -103,7 +94,7 @@ def test_a_run_stopped_under_two_ranks_resumes_from_its_epoch_checkpoint(tmp_pat
                 test_split=tiny_fmnist[1], resume=False)
     two = tmp_path / "two"
     for k, stop in enumerate((1, None)):
-        mp.start_processes(_rank_resume, args=(2, str(tmp_path / f"rdzv{k}"), str(two), tiny_fmnist, stop), nprocs=2,
+        mp.start_processes(_rank_main, args=(2, str(tmp_path / f"rdzv{k}"), str(two), tiny_fmnist, stop, True), nprocs=2,
                            join=True, start_method="spawn")
         ck = torch.load(two / "runs" / MID / CKPT_NAME, weights_only=True)
         assert ck["epoch"] == (1 if stop else RECIPE.epochs)
