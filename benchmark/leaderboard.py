@@ -266,13 +266,11 @@ def _autoattack_by_sha(dataset: str) -> dict[str, float]:
 
 def _reference_ids(dataset: str) -> dict[str, str]:
     """variant -> id of the image set's reference models (what submissions are compared with)."""
-    import json
-
-    from salbench.benchmark.imagesets import REFERENCE_MODELS, imageset_path
+    from salbench.benchmark.imagesets import REFERENCE_MODELS, imageset_path, read_imageset_doc
 
     p = imageset_path(dataset)
     if p.is_file():
-        return {v: r["id"] for v, r in json.loads(p.read_text()).get("reference_models", {}).items()}
+        return {v: r["id"] for v, r in read_imageset_doc(p)["reference_models"].items()}
     return dict(REFERENCE_MODELS.get(dataset, {}))
 
 
