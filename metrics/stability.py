@@ -9,7 +9,7 @@ the logits under small uniform perturbations (Agarwal et al. 2022, as computed b
 from __future__ import annotations
 
 import math
-from typing import Literal, NamedTuple, Sequence
+from typing import Callable, Literal, NamedTuple, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -164,9 +164,10 @@ def _ssim_chunk(a: Tensor, b: Tensor, data_range: float, win_size: int, buf: Ten
 class SSIMUnderNoise(NamedTuple):
     """Result of :func:`ssim_under_noise`: one row per noise level σ, one column per image."""
 
-    #: SSIM between the map of x and the map of the noisy copy, (S, B), for every image.
+    #: SSIM between the map of x and the map of the noisy copy, (S, B); NaN where ``kept`` is False
+    #: (those noisy copies are not attributed), so ``scores.nanmean(dim=1)`` is the protocol's mean per σ.
     scores: Tensor
-    #: whether the noisy copy is still classified as ``y`` (S, B) bool; average ``scores`` over these.
+    #: whether the noisy copy is still classified as ``y`` (S, B) bool; the protocol averages over these.
     kept: Tensor
 
 
@@ -188,37 +189,72 @@ def _logits(model: nn.Module, x: Tensor, max_label: int) -> Tensor:
         return check_logits(model(x), x.shape[0], max_label)
 
 
-def _explain_and_predict(
-    explainer: Explainer, model: nn.Module, x: Tensor, y: Tensor, max_label: int
-) -> tuple[Tensor, Tensor]:
-    """``(explainer(model, x, y), model(x))``, re-using the explainer's own forward pass on x.
+class _NotAtInput(Exception):
+    """Raised by :func:`_explain_kept`'s probe to stop an explainer whose first model call is not on x."""
 
-    Gradient explainers such as :func:`vanilla_gradient` call ``model`` on exactly ``x``: a
-    forward hook keeps that output, which saves a second forward pass. When no call sees ``x``
-    itself (integrated gradients evaluates other points), the logits are computed afterwards.
+
+def _explain_kept(
+    explainer: Explainer, model: nn.Module, x: Tensor, y: Tensor, max_label: int, keep: Callable[[Tensor], Tensor]
+) -> tuple[Tensor | None, Tensor, Tensor]:
+    """``(maps, logits, kept)``: ``logits = model(x)``, ``kept = keep(logits)`` (B,) bool, and
+    ``maps = explainer(model, x, y)`` on the kept images (B, H, W), NaN on the others (``None`` when
+    no image is kept). Images that are not kept are not attributed when that saves work.
+
+    The protocol needs the prediction on every image but the map of the kept ones only
+    (PROTOCOL §3: SSIM drops noisy images whose prediction flipped, a flipped ROS sample makes its
+    image NaN). Two cases, told apart by a probe on the model's first call:
+
+    - The explainer's first model call is on exactly ``x`` (a gradient explainer such as
+      :func:`vanilla_gradient`): its output is the logits, so the explainer runs on the whole
+      batch in one forward + backward and no extra forward pass is made.
+    - Otherwise (integrated gradients first evaluates other points of the path, or a plain
+      callable that takes no hooks): the probe stops the explainer before that first call, one
+      gradient-free forward pass gives the logits, and the explainer runs on the kept images only.
+
+    The maps of kept images are the explainer's maps of those images; an explainer whose maps
+    of an image depend on the other images of its batch would see a smaller batch in the second case.
     """
+    state = {"first": True, "aborted": False}
     captured: list[Tensor] = []
 
-    def keep_logits(module: nn.Module, args: tuple, output: object) -> None:
-        if (
-            not captured
-            and args
-            and isinstance(args[0], Tensor)
-            and isinstance(output, Tensor)
-            and args[0].shape == x.shape
-            and torch.equal(args[0].detach(), x)
-        ):
+    def probe(module: nn.Module, args: tuple) -> None:
+        if not state["first"]:
+            return
+        state["first"] = False
+        inp = args[0] if args else None
+        if not (isinstance(inp, Tensor) and inp.shape == x.shape and torch.equal(inp.detach(), x)):
+            state["aborted"] = True
+            raise _NotAtInput
+
+    def capture(module: nn.Module, args: tuple, output: object) -> None:
+        if not captured and not state["aborted"] and isinstance(output, Tensor):
             captured.append(output.detach())
 
-    handle = model.register_forward_hook(keep_logits) if isinstance(model, nn.Module) else None
-    try:
-        maps = _explain(explainer, model, x, y)
-    finally:
-        if handle is not None:
-            handle.remove()
-    if captured:
-        return maps, check_logits(captured[0], x.shape[0], max_label)
-    return maps, _logits(model, x, max_label)
+    if isinstance(model, nn.Module):
+        handles = [model.register_forward_pre_hook(probe), model.register_forward_hook(capture)]
+        try:
+            maps = _explain(explainer, model, x, y)
+        except _NotAtInput:
+            maps = None
+        finally:
+            for handle in handles:
+                handle.remove()
+        # An explainer that swallowed the probe's exception returned maps of an interrupted run: drop them.
+        if maps is not None and not state["aborted"]:
+            logits = check_logits(captured[0], x.shape[0], max_label) if captured else _logits(model, x, max_label)
+            kept = keep(logits)
+            return maps.masked_fill(~kept[:, None, None], math.nan), logits, kept
+    logits = _logits(model, x, max_label)
+    kept = keep(logits)
+    n_kept = int(kept.sum())
+    if n_kept == 0:
+        return None, logits, kept
+    if n_kept == x.shape[0]:
+        return _explain(explainer, model, x, y), logits, kept
+    sub = _explain(explainer, model, x[kept], y[kept])
+    maps = torch.full((x.shape[0], *sub.shape[1:]), math.nan, dtype=sub.dtype, device=sub.device)
+    maps[kept] = sub
+    return maps, logits, kept
 
 
 def ssim_under_noise(
@@ -233,9 +269,13 @@ def ssim_under_noise(
     r"""Input-side stability: SSIM between maps of x and of noisy x (PROTOCOL §3 "SSIM under noise").
 
     For each σ in ``sigmas``, in order, one Gaussian draw per image from ``generator`` makes
-    the clipped noisy copy ``x~``; ``scores[s] = ssim(maps, explainer(model, x~, y))`` and
-    ``kept[s] = (argmax model(x~) == y)``. Scores are returned for every image; the protocol's
-    aggregate per σ is ``scores[s][kept[s]].mean()``, reported with ``kept[s].float().mean()``.
+    the clipped noisy copy ``x~``; ``kept[s] = (argmax model(x~) == y)`` and, for the kept
+    images, ``scores[s] = ssim(maps, explainer(model, x~, y))``. The protocol drops the other
+    images, so they are not attributed and their score is NaN: the aggregate per σ is
+    ``scores[s].nanmean()`` (= ``scores[s][kept[s]].mean()``), reported with ``kept[s].float().mean()``.
+    The prediction on ``x~`` comes from the explainer's own forward pass when its first model
+    call is on ``x~`` itself (vanilla gradient), else from one gradient-free forward pass, after
+    which only the kept images are attributed (integrated gradients).
 
     Args:
         model: classifier (B, C, H, W) in [0, 1] -> (B, K) logits tensor; run in eval mode with
@@ -249,7 +289,7 @@ def ssim_under_noise(
         maps: ``explainer(model, x, y)`` if already computed (B, H, W), to avoid recomputing it.
 
     Returns:
-        ``SSIMUnderNoise(scores (S, B) in the dtype of the maps, kept (S, B) bool)``.
+        ``SSIMUnderNoise(scores (S, B) in the dtype of the maps, NaN where not kept; kept (S, B) bool)``.
 
     Raises:
         ValueError: on a malformed ``x``, ``y`` or ``maps`` (wrong rank, batch-size mismatch,
@@ -264,7 +304,9 @@ def ssim_under_noise(
         >>> out = ssim_under_noise(model, x, y, vanilla_gradient, sigmas=(0.1, 0.2))
         >>> out.scores.shape, out.kept.shape
         (torch.Size([2, 3]), torch.Size([2, 3]))
-        >>> bool((out.scores == 1).all())  # the gradient of a linear model does not depend on x
+        >>> bool((out.scores[out.kept] == 1).all())  # the gradient of a linear model does not depend on x
+        True
+        >>> bool(out.scores[~out.kept].isnan().all())  # flipped noisy copies are not attributed
         True
     """
     check_model(model)
@@ -285,13 +327,18 @@ def ssim_under_noise(
     with EvalMode(model):
         if maps is None:
             maps = _explain(explainer, model, x, y)
-        scores, kept = [], []
-        for sigma in sigmas:
+        scores = torch.full((len(sigmas), x.shape[0]), math.nan, dtype=maps.dtype, device=maps.device)
+        kept = torch.zeros(len(sigmas), x.shape[0], dtype=torch.bool, device=maps.device)
+        for s, sigma in enumerate(sigmas):
             noisy = (x + sigma * randn_like(x, generator)).clamp_(0.0, 1.0)
-            noisy_maps, noisy_logits = _explain_and_predict(explainer, model, noisy, y, max_label)
-            kept.append(noisy_logits.argmax(dim=1) == y)
-            scores.append(ssim(maps, noisy_maps.to(maps.dtype)))
-    return SSIMUnderNoise(torch.stack(scores), torch.stack(kept))
+            noisy_maps, _, keep = _explain_kept(
+                explainer, model, noisy, y, max_label, lambda logits: logits.argmax(dim=1) == y
+            )
+            kept[s] = keep.to(kept.device)
+            if noisy_maps is not None:
+                keep = keep.to(maps.device)
+                scores[s, keep] = ssim(maps[keep], noisy_maps.to(device=maps.device, dtype=maps.dtype)[keep])
+    return SSIMUnderNoise(scores, kept)
 
 
 def relative_output_stability(
@@ -314,6 +361,13 @@ def relative_output_stability(
     the image NaN. ``variant="agarwal"`` (Agarwal et al. 2022, the paper's Eq. 34) divides by
     the relative logit change (with the ``[h == 0]`` guard of the numerator) and leaves
     flipped samples out of the maximum (NaN only if every sample flips).
+
+    Only the attributions the result depends on are computed: a flipped sample is not
+    attributed, and with ``variant="paper"`` an image that is already NaN is neither classified
+    nor attributed again. Every sample still draws noise for the whole batch, so the draws (and
+    every non-NaN value) do not depend on which images were skipped. The logits of ``x'`` come
+    from the explainer's own forward pass where its first model call is on ``x'`` (vanilla
+    gradient), else from one gradient-free forward pass before it (integrated gradients).
 
     Args:
         model: classifier (B, C, H, W) in [0, 1] -> (B, K) logits tensor; run in eval mode with
@@ -395,21 +449,35 @@ def _ros(
     pred = h.argmax(dim=1)
     if variant == "agarwal":
         h_safe = h + ROS_EPS * (h == 0)
-    ratios = []
-    for _ in range(n_samples):
+    batch = x.shape[0]
+    r = torch.full((n_samples, batch), math.nan, dtype=e.dtype, device=e.device)  # NaN: flipped or not needed
+    alive = torch.ones(batch, dtype=torch.bool, device=e.device)  # images whose ROS can still be finite
+    for s in range(n_samples):
+        # every sample draws the whole batch, so the draws do not depend on which images are alive
         noise = rand_like(x, generator) * (ROS_NOISE_HIGH - ROS_NOISE_LOW) + ROS_NOISE_LOW
-        e_p, h_p = _explain_and_predict(explainer, model, x + noise, y, max_label)
-        e_p, h_p = e_p.flatten(1).to(e.dtype), h_p.to(e.dtype)
-        numerator = torch.linalg.vector_norm((e - e_p) / e_safe, dim=1)
+        idx = alive.nonzero().squeeze(1)
+        if idx.numel() == 0:
+            continue
+        x_p = x + noise
+        if idx.numel() < batch:
+            x_p = x_p[idx.to(x.device)]
+        pred_i = pred[idx].to(x.device)
+        e_p, h_p, kept = _explain_kept(
+            explainer, model, x_p, y[idx.to(y.device)], max_label, lambda logits, p=pred_i: logits.argmax(dim=1) == p
+        )
+        kept = kept.to(e.device)
+        if variant == "paper":  # one flipped sample makes the image NaN: its other samples are not needed
+            alive[idx[~kept]] = False
+        if e_p is None:
+            continue
+        idx, e_p, h_p = idx[kept], e_p.to(e.device)[kept].flatten(1).to(e.dtype), h_p.to(e.device)[kept].to(e.dtype)
+        numerator = torch.linalg.vector_norm((e[idx] - e_p) / e_safe[idx], dim=1)
         if variant == "paper":
-            denominator = torch.linalg.vector_norm(h - h_p, dim=1)
+            denominator = torch.linalg.vector_norm(h[idx] - h_p, dim=1)
             denominator = denominator + ROS_EPS * (denominator == 0)
         else:
-            denominator = torch.linalg.vector_norm((h - h_p) / h_safe, dim=1).clamp(min=ROS_EPS)
-        ratio = numerator / denominator
-        flipped = h_p.argmax(dim=1) != pred
-        ratios.append(torch.where(flipped, torch.full_like(ratio, math.nan), ratio))
-    r = torch.stack(ratios)  # (n_samples, B)
+            denominator = torch.linalg.vector_norm((h[idx] - h_p) / h_safe[idx], dim=1).clamp(min=ROS_EPS)
+        r[s, idx] = numerator / denominator
     nan = torch.isnan(r)
     best = torch.where(nan, torch.full_like(r, -math.inf), r).amax(dim=0)
     if variant == "paper":

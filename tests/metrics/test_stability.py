@@ -127,9 +127,13 @@ def test_ssim_under_noise_replays_the_protocol_by_hand(lenet, fmnist_test):
         with torch.no_grad():
             kept = lenet(noisy).argmax(1) == y
         assert torch.equal(out.kept[s], kept)
-        torch.testing.assert_close(out.scores[s].double(), _skimage_ssim(maps, noisy_maps), atol=1e-5, rtol=0)
+        assert (~kept).any() and kept.any()  # both cases occur at these sigmas
+        torch.testing.assert_close(
+            out.scores[s][kept].double(), _skimage_ssim(maps[kept], noisy_maps[kept]), atol=1e-5, rtol=0
+        )
+        assert out.scores[s][~kept].isnan().all()  # not attributed: the protocol drops these images
     # more noise -> less similar maps, on average
-    assert out.scores[1].mean() < out.scores[0].mean()
+    assert out.scores[1].nanmean() < out.scores[0].nanmean()
 
 
 def test_ssim_under_noise_defaults_maps_reuse_and_determinism(lenet, fmnist_test):
@@ -139,9 +143,9 @@ def test_ssim_under_noise_defaults_maps_reuse_and_determinism(lenet, fmnist_test
     b = ssim_under_noise(lenet, x, y, vanilla_gradient, generator=torch.Generator().manual_seed(0))
     c = ssim_under_noise(lenet, x, y, vanilla_gradient, maps=vanilla_gradient(lenet, x, y))
     for other in (b, c):  # None means a fresh generator seeded 0; passing maps changes nothing
-        assert torch.equal(a.scores, other.scores) and torch.equal(a.kept, other.kept)
+        assert torch.equal(a.scores.nan_to_num(-1), other.scores.nan_to_num(-1)) and torch.equal(a.kept, other.kept)
     d = ssim_under_noise(lenet, x, y, vanilla_gradient, generator=torch.Generator().manual_seed(1))
-    assert not torch.equal(a.scores, d.scores)
+    assert not torch.equal(a.scores.nan_to_num(-1), d.scores.nan_to_num(-1))
 
 
 def test_ssim_under_noise_bad_input(lenet, fmnist_test):
@@ -319,8 +323,121 @@ def test_logits_reused_from_the_explainer_pass_equal_a_separate_forward(lenet, f
         a = ssim_under_noise(lenet, x, y, explainer, sigmas=(0.2, 0.5))
         b = ssim_under_noise(plain, x, y, explainer, sigmas=(0.2, 0.5))
         assert torch.equal(a.kept, b.kept)
-        torch.testing.assert_close(a.scores, b.scores)
-    assert not lenet._forward_hooks  # the hook is removed
+        torch.testing.assert_close(a.scores, b.scores, equal_nan=True)
+    assert not lenet._forward_hooks and not lenet._forward_pre_hooks  # the hooks are removed
+
+
+class _Counting(nn.Module):
+    """Counts the images that go through the wrapped model (forward passes, any batch size)."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+        self.images = 0
+
+    def forward(self, x):
+        self.images += x.shape[0]
+        return self.inner(x)
+
+
+def _ig3(model, x, y):
+    return integrated_gradients(model, x, y, n_steps=3)
+
+
+def test_ssim_under_noise_attributes_only_the_kept_images(lenet, fmnist_test):
+    # PROTOCOL §3 drops a noisy image whose prediction flipped. IG (first model call not on x~): one
+    # forward of every noisy image, then IG of the kept ones only; VG: one pass, its own logits.
+    x, y = fmnist_test[0][:40], fmnist_test[1][:40]
+    sigmas = (0.1, 0.3)
+    for explainer, per_image in ((_ig3, 3), (vanilla_gradient, None)):
+        counting = _Counting(lenet)
+        maps = explainer(lenet, x, y)
+        out = ssim_under_noise(counting, x, y, explainer, sigmas=sigmas, maps=maps,
+                               generator=torch.Generator().manual_seed(5))
+        kept = out.kept.sum(1)
+        assert (kept < len(x)).all() and (kept > 0).all()  # both cases occur at both sigmas
+        expected = sum(len(x) + per_image * int(k) for k in kept) if per_image else len(sigmas) * len(x)
+        assert counting.images == expected
+        g = torch.Generator().manual_seed(5)
+        for s, sigma in enumerate(sigmas):  # the kept scores equal attributing every noisy image
+            noisy = (x + sigma * torch.randn(x.shape, generator=g)).clamp(0, 1)
+            full = ssim(maps, explainer(lenet, noisy, y))
+            k = out.kept[s]
+            torch.testing.assert_close(out.scores[s][k], full[k], rtol=0, atol=1e-6)
+            assert out.scores[s][~k].isnan().all()
+
+
+def _ros_by_hand(model, x, y, maps, explainer, n, variant, seed):
+    """ROS with every sample of every image attributed (no skipping), PROTOCOL §3."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        h = model(x)
+    e = maps.flatten(1)
+    e_safe = e + 1e-6 * (e == 0)
+    ratios, flips = [], []
+    for _ in range(n):
+        xp = x + torch.rand(x.shape, generator=g) * 0.18 + 0.02
+        ep = explainer(model, xp, y).flatten(1)
+        with torch.no_grad():
+            hp = model(xp)
+        num = torch.linalg.vector_norm((e - ep) / e_safe, dim=1)
+        if variant == "paper":
+            den = torch.linalg.vector_norm(h - hp, dim=1)
+            den = den + 1e-6 * (den == 0)
+        else:
+            den = torch.linalg.vector_norm((h - hp) / (h + 1e-6 * (h == 0)), dim=1).clamp(min=1e-6)
+        flipped = hp.argmax(1) != h.argmax(1)
+        ratios.append(torch.where(flipped, torch.nan, num / den))
+        flips.append(flipped)
+    r, flips = torch.stack(ratios), torch.stack(flips)
+    best = r.nan_to_num(-math.inf).amax(0)
+    nan = flips.any(0) if variant == "paper" else flips.all(0)
+    return torch.where(nan, torch.nan, best), flips
+
+
+@pytest.mark.parametrize("variant", ["paper", "agarwal"])
+def test_ros_skips_attributions_it_does_not_need(lenet, fmnist_test, variant):
+    # paper: an image is NaN once one sample flips, so its later samples are neither classified nor
+    # attributed; both variants skip the attribution of a flipped sample. The values equal attributing all.
+    x, y = fmnist_test[0][:80], fmnist_test[1][:80]
+    n = 5
+    maps = _ig3(lenet, x, y)
+    counting = _Counting(lenet)
+    with torch.no_grad():
+        logits = lenet(x)
+    ours = relative_output_stability(counting, x, y, _ig3, n_samples=n, variant=variant, maps=maps, logits=logits,
+                                     generator=torch.Generator().manual_seed(9))
+    ref, flips = _ros_by_hand(lenet, x, y, maps, _ig3, n, variant, seed=9)
+    assert flips.any(0).sum() >= 2 and (~flips.any(0)).any()  # the test exercises skipping
+    assert torch.equal(ours.isnan(), ref.isnan())
+    ok = ~ref.isnan()
+    torch.testing.assert_close(ours[ok], ref[ok], rtol=1e-5, atol=0)
+    alive = torch.ones(len(x), dtype=torch.bool)
+    expected = 0
+    for s in range(n):
+        expected += int(alive.sum()) + 3 * int((alive & ~flips[s]).sum())  # forward + IG(3) of the kept
+        if variant == "paper":
+            alive &= ~flips[s]
+    assert counting.images == expected
+
+
+def test_explainer_that_swallows_the_probe_still_gives_the_right_maps(lenet, fmnist_test):
+    # the probe stops an explainer whose first model call is not on x by raising; an explainer that
+    # catches it must not leave interrupted maps behind
+    x, y = fmnist_test[0][:20], fmnist_test[1][:20]
+
+    def swallowing(model, t, c):
+        try:
+            model(t * 0.5)
+        except Exception:
+            pass
+        return vanilla_gradient(model, t, c)
+
+    a = ssim_under_noise(lenet, x, y, swallowing, sigmas=(0.3,))
+    b = ssim_under_noise(lenet, x, y, vanilla_gradient, sigmas=(0.3,))
+    assert torch.equal(a.kept, b.kept)
+    torch.testing.assert_close(a.scores, b.scores, equal_nan=True, rtol=0, atol=1e-6)
+    assert not lenet._forward_hooks and not lenet._forward_pre_hooks
 
 
 def test_ros_bad_input(lenet, fmnist_test):
