@@ -10,7 +10,7 @@ SHARED_CIFAR := $(abspath $(CURDIR)/../shared/data/cifar10)
 export SALBENCH_CIFAR10_DIR ?= $(if $(wildcard $(SHARED_CIFAR)/test_batch.bin),$(SHARED_CIFAR),)
 PYTEST := $(BIN)/python -m pytest
 
-.PHONY: setup data run test test-slow bench clean help
+.PHONY: setup data browser run test test-slow bench clean help
 help:
 	@echo "make run        score the FMNIST (and CIFAR-10) zoo, write leaderboards/ and figures (main job)"
 	@echo "make test       default test suite (< 15 min on 2 cores)"
@@ -41,8 +41,20 @@ run: setup
 	@if [ -n "$$SALBENCH_CIFAR10_DIR" ] && [ -f benchmark/imagesets/cifar10.json ]; then \
 	  $(BIN)/salbench --procs $(PROCS) --threads 1 run --dataset cifar10; \
 	else echo "CIFAR-10: skipped (set SALBENCH_CIFAR10_DIR to the folder with test_batch.bin)"; fi
+	$(BIN)/salbench --threads 1 site
 
-test: setup
+# Chromium for the site's browser test (tests/benchmark/test_site_browser.py): Debian's `chromium` when we are
+# root with apt; elsewhere install Chromium/Chrome yourself or set SALBENCH_CHROMIUM (the test skips without one)
+browser:
+	@[ -n "$$SALBENCH_CHROMIUM" ] || [ -x /usr/lib/chromium/chromium ] || command -v chromium >/dev/null 2>&1 || \
+	  command -v google-chrome >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing Debian's chromium for the site's browser test ..."; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null 2>&1 \
+	      || echo "chromium could not be installed: the site's browser test will skip"; \
+	  else echo "no Chromium and not root with apt: the site's browser test will skip (see SALBENCH_CHROMIUM)"; fi; }
+
+test: setup browser
 	$(PYTEST)
 
 test-slow: setup

@@ -214,6 +214,19 @@ def cmd_figures(args) -> int:
     return EXIT_OK
 
 
+def cmd_site(args) -> int:
+    """The static leaderboard site (benchmark.site): galleries drawn where missing or stale, pages rewritten."""
+    from salbench.benchmark import site as W
+
+    if not args.no_galleries:
+        W.refresh_galleries(force=args.redraw_galleries, say=lambda msg: print(msg, flush=True))
+    out, written = W.build_site()
+    n_files, n_bytes = W.site_size(out)
+    print(f"site: {out} ({n_files} files, {n_bytes / 1024:.0f} KiB; {len(written)} rewritten); "
+          f"open {out / 'index.html'} in a browser")
+    return EXIT_OK
+
+
 def cmd_run(args) -> int:
     """The main job: score the dataset's zoo, write the leaderboards and the figures."""
     rc = cmd_leaderboard(args)
@@ -359,6 +372,13 @@ def build_parser() -> argparse.ArgumentParser:
     _scoring_args(r)
     _only_arg(r)
     r.set_defaults(func=cmd_run)
+
+    w = sub.add_parser("site", help="the static leaderboard site: leaderboards/site/ (open index.html)",
+                       description=cmd_site.__doc__)
+    w.add_argument("--no-galleries", action="store_true",
+                   help="do not draw missing or stale per-model saliency galleries (no model is loaded)")
+    w.add_argument("--redraw-galleries", action="store_true", help="draw every gallery again")
+    w.set_defaults(func=cmd_site)
 
     z = sub.add_parser("zoo", help="inspect the model zoo")
     zsub = z.add_subparsers(dest="zoo_command", required=True)

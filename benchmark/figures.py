@@ -122,13 +122,80 @@ def road_figure(dataset: str, out_dir: Path | None = None, lb_dir: Path | None =
                            "pixels are replaced by noisy linear imputation (PROTOCOL §3); AOPC in the legend.")
 
 
+def grid_images(imageset, n_images: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """The images every saliency figure shows: ``n_images`` evenly spaced over the fixed set,
+    as ``(x float [0, 1] (n, C, H, W), y (n,))``."""
+    step = max(len(imageset) // n_images, 1)
+    idx = torch.arange(0, step * n_images, step)[:n_images]
+    return imageset.images[idx].float() / 255, imageset.labels[idx]
+
+
+def gallery_key(sha256: str, images_sha256: str, *, n_images: int, ig_steps: int) -> str:
+    """What a model's gallery PNG depends on; stored in the PNG (text chunk ``Description``) so
+    an up-to-date gallery is never drawn again (``gallery_is_current``)."""
+    return (f"salbench saliency gallery v1; weights sha256 {sha256}; image set sha256 {images_sha256}; "
+            f"VG, IG {ig_steps} steps; {n_images} images")
+
+
+def gallery_is_current(path: Path, key: str) -> bool:
+    """Whether ``path`` is a gallery PNG drawn for ``key``."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return im.text.get("Description") == key
+    except (OSError, ValueError):
+        return False
+
+
+def model_gallery(model: torch.nn.Module, imageset, path: Path, *, title: str, key: str, n_images: int = 8,
+                  ig_steps: int = 50) -> Path:
+    """A small saliency gallery of one model: the set's grid images (``grid_images``), their VG
+    maps (|grad|, hot) and IG maps (signed, blue-white-red), each map scaled by its own maximum as
+    in ``saliency_grid``. Written atomically with ``key`` in the PNG's ``Description`` and no
+    software/version text, so the bytes depend on the pixels alone."""
+    import io
+
+    from PIL import Image, PngImagePlugin
+
+    from salbench.model_zoo.zoo import atomic_write_bytes
+
+    x, y = grid_images(imageset, n_images)
+    model.eval()
+    vg = metrics.vanilla_gradient(model, x, y).detach()
+    ig = metrics.integrated_gradients(model, x, y, n_steps=ig_steps).detach()
+    names = CLASS_NAMES.get(imageset.dataset)
+    fig, axes = plt.subplots(3, n_images, figsize=(0.9 * n_images + 0.3, 3.1), squeeze=False)
+    for c in range(n_images):
+        img = x[c].permute(1, 2, 0).squeeze(-1).numpy()
+        axes[0][c].imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=1)
+        axes[0][c].set_title(names[int(y[c])] if names else f"class {int(y[c])}", fontsize=6)
+        axes[1][c].imshow(vg[c].numpy() / (float(vg[c].max()) or 1.0), cmap="hot", vmin=0, vmax=1)
+        axes[2][c].imshow(ig[c].numpy() / (float(ig[c].abs().max()) or 1.0), cmap="bwr", vmin=-1, vmax=1)
+        for r in range(3):
+            axes[r][c].set_xticks([]), axes[r][c].set_yticks([])
+    for r, label in enumerate(("input", "VG", "IG")):
+        axes[r][0].set_ylabel(label, fontsize=7)
+    fig.suptitle(title, fontsize=7)
+    fig.subplots_adjust(left=0.04, right=0.995, bottom=0.01, top=0.86, wspace=0.05, hspace=0.12)
+    raw = io.BytesIO()
+    fig.savefig(raw, format="png", dpi=72)
+    plt.close(fig)
+    # a 256-colour palette (median cut, no dithering: deterministic) halves the file
+    with Image.open(raw) as im:
+        pal = im.convert("RGB").quantize(colors=256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Description", key)
+    buf = io.BytesIO()
+    pal.save(buf, format="png", optimize=True, pnginfo=info)
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
 def saliency_grid(models: dict[str, torch.nn.Module], imageset, *, n_images: int = 8, out_dir: Path | None = None,
                   ig_steps: int = 50) -> Path:
     """Rows: the input, then VG and IG maps of each model; columns: the same images."""
-    step = max(len(imageset) // n_images, 1)
-    idx = torch.arange(0, step * n_images, step)[:n_images]
-    x = imageset.images[idx].float() / 255
-    y = imageset.labels[idx]
+    x, y = grid_images(imageset, n_images)
     names = CLASS_NAMES.get(imageset.dataset)
     rows = [("input", None, x)]
     for method in ("VG", "IG"):
