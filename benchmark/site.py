@@ -206,7 +206,7 @@ def cell(row: dict[str, str], col: Column) -> str:
     """
     raw = row.get(col.key, "")
     if col.kind == "text":
-        return f'<td data-sort="{esc(raw)}">{esc(raw)}</td>'
+        return f'<td data-sort="{esc(raw)}" class="text">{esc(raw)}</td>'
     x = number(raw)
     if x is None:
         return f'<td data-sort="" class="missing"><span title="not measured">{MISSING}</span></td>'
