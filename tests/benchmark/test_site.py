@@ -235,3 +235,33 @@ def test_gallery_redraw_reproduces_the_committed_one():
     assert a.shape == b.shape
     # identical here; another BLAS may move a few map values across a colour boundary
     assert (np.abs(a - b).max(axis=2) > 8).mean() < 0.005
+
+
+def test_refresh_galleries_draws_only_missing_or_stale_ones(tmp_path):
+    from salbench.benchmark.imagesets import load_imageset
+    from salbench.model_zoo.data import DatasetNotFoundError
+
+    try:
+        load_imageset("fmnist")
+    except DatasetNotFoundError as e:
+        pytest.skip(f"FMNIST not available: {e}")
+    lb = tmp_path / "leaderboards"
+    lb.mkdir()
+    for name in ("fmnist.csv", "fmnist_comparisons.csv"):
+        shutil.copy(DEFAULT_LEADERBOARDS_DIR / name, lb / name)
+    site = lb / "site"
+    shutil.copytree(SITE / W.GALLERY_DIR, site / W.GALLERY_DIR, ignore=shutil.ignore_patterns("cifar10-*"))
+    said: list[str] = []
+    assert W.refresh_galleries(lb, say=said.append) == [] and said == []  # all current: no model loaded
+    stale = site / W.GALLERY_DIR / "fmnist-lenet-G-paper-10ep.png"
+    shutil.copy(site / W.GALLERY_DIR / "fmnist-lenet-A-paper-10ep.png", stale)  # another model's key
+    (site / W.GALLERY_DIR / "fmnist-lenet-N-paper-10ep.png").unlink()
+    drawn = W.refresh_galleries(lb, say=said.append)
+    assert sorted(p.name for p in drawn) == ["fmnist-lenet-G-paper-10ep.png", "fmnist-lenet-N-paper-10ep.png"]
+    from PIL import Image
+
+    def key(p):
+        with Image.open(p) as im:
+            return im.text["Description"]
+
+    assert key(stale) == key(SITE / W.GALLERY_DIR / stale.name) != key(SITE / W.GALLERY_DIR / "fmnist-lenet-A-paper-10ep.png")
