@@ -129,6 +129,7 @@ def collect(lb_dir: Path | None = None, *, site_dir: Path | None = None, cards_d
 
     lb = Path(lb_dir or leaderboards_dir())
     site = Path(site_dir or lb / SITE_DIRNAME)
+    submissions_dir = Path(submissions_dir or lb / "submissions")
     fig_dir = lb / "figures"
     out = []
     for ds in dataset_names(lb):
@@ -623,15 +624,18 @@ def refresh_galleries(lb_dir: Path | None = None, *, site_dir: Path | None = Non
     """Draw the saliency gallery of every model on a board whose gallery is missing or was drawn
     from other weights or another image set (``benchmark.figures.gallery_key``), or all with
     ``force``. A dataset whose files are not here, or a model whose weights cannot be loaded
-    (unknown submission format), is skipped with a message; its existing gallery is kept."""
+    (unknown submission format, weights that differ from their card) is skipped with a message;
+    its existing gallery is kept."""
     from salbench.benchmark import figures as F
     from salbench.benchmark.imagesets import load_imageset
     from salbench.model_zoo.data import DatasetNotFoundError
 
-    data = collect(lb_dir, site_dir=site_dir, cards_dir=cards_dir, submissions_dir=submissions_dir)
     from salbench.benchmark.results import leaderboards_dir
 
-    site = Path(site_dir or Path(lb_dir or leaderboards_dir()) / SITE_DIRNAME)
+    lb = Path(lb_dir or leaderboards_dir())
+    site = Path(site_dir or lb / SITE_DIRNAME)
+    submissions_dir = Path(submissions_dir or lb / "submissions")
+    data = collect(lb, site_dir=site, cards_dir=cards_dir, submissions_dir=submissions_dir)
     drawn = []
     for ds in data.datasets:
         imageset = None
@@ -652,7 +656,11 @@ def refresh_galleries(lb_dir: Path | None = None, *, site_dir: Path | None = Non
                                 ig_steps=GALLERY_IG_STEPS)
             if not force and F.gallery_is_current(path, key):
                 continue
-            model = _load_model(card, submissions_dir)
+            try:
+                model = _load_model(card, submissions_dir, cards_dir)
+            except ValueError as e:  # CheckpointError, or weights that do not match their card
+                say(f"gallery of {row['id']}: {e}; skipped")
+                continue
             if model is None:
                 say(f"gallery of {row['id']}: its weights ({card.get('weights')}) cannot be loaded here; skipped")
                 continue
@@ -664,16 +672,15 @@ def refresh_galleries(lb_dir: Path | None = None, *, site_dir: Path | None = Non
     return drawn
 
 
-def _load_model(card: dict, submissions_dir: Path | None):
+def _load_model(card: dict, submissions_dir: Path, cards_dir: Path | None = None):
     """The model of a zoo or submission card (weights verified against the card's sha256 and read
-    without unpickling), or None when its format is not one this function reads."""
+    without unpickling), or None when its format is not one this function reads (safetensors or a
+    state-dict .pt/.pth of a registry architecture)."""
     from salbench.model_zoo import zoo
 
     if card.get("source") == "zoo":
-        return zoo.load(card["id"])
-    from salbench.benchmark.submit import submissions_root
-
-    path = Path(submissions_dir or submissions_root()) / card["dataset"] / card.get("weights", "")
+        return zoo.load(card["id"], cards_dir=cards_dir)
+    path = Path(submissions_dir) / card["dataset"] / Path(card.get("weights", "")).name
     if path.suffix not in (".safetensors", ".pt", ".pth") or not path.is_file():
         return None
     if zoo.sha256_file(path) != card.get("sha256"):

@@ -265,3 +265,52 @@ def test_refresh_galleries_draws_only_missing_or_stale_ones(tmp_path):
             return im.text["Description"]
 
     assert key(stale) == key(SITE / W.GALLERY_DIR / stale.name) != key(SITE / W.GALLERY_DIR / "fmnist-lenet-A-paper-10ep.png")
+
+
+def test_a_submission_gets_a_gallery_and_its_weights_are_verified(tmp_path):
+    """A submitted safetensors file (registry architecture) is drawn from the submissions folder
+    after its sha256 is checked against its card; a file that does not match is an error."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    from salbench.benchmark.imagesets import load_imageset
+    from salbench.model_zoo import zoo
+    from salbench.model_zoo.data import DatasetNotFoundError
+
+    try:
+        load_imageset("fmnist")
+    except DatasetNotFoundError as e:
+        pytest.skip(f"FMNIST not available: {e}")
+    sd = {k: v.clone() for k, v in zoo.load("fmnist-lenet-N-paper-10ep").state_dict().items()}
+    next(v for k, v in sd.items() if k.endswith("bias")).mul_(1.001)  # other weights than the zoo's
+    lb = tmp_path / "leaderboards"
+    sub = lb / "submissions" / "fmnist"
+    sub.mkdir(parents=True)
+    save_file(sd, str(sub / "mine.safetensors"))
+    sha = zoo.sha256_file(sub / "mine.safetensors")
+    card = {"id": "fmnist-sub-mine", "dataset": "fmnist", "arch": "lenet", "sha256": sha, "source": "submission",
+            "num_classes": 10, "smoothing": None, "weights": "mine.safetensors", "name": "mine", "notes": ""}
+    (sub / "fmnist-sub-mine.json").write_text(json.dumps(card))
+    with open(DEFAULT_LEADERBOARDS_DIR / "fmnist.csv", newline="") as f:
+        rows = list(csv.DictReader(f))[:2]
+    for r in rows:
+        r.update(id="fmnist-sub-mine", source="submission", sha256=sha, name="mine")
+    with open(lb / "fmnist.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    said: list[str] = []
+    drawn = W.refresh_galleries(lb, say=said.append)
+    assert [p.name for p in drawn] == ["fmnist-sub-mine.png"], said
+    site, _ = W.build_site(lb)
+    page = (site / "fmnist.html").read_text()
+    assert 'src="gallery/fmnist-sub-mine.png"' in page and "Saliency gallery of fmnist-sub-mine" in page
+    torch.manual_seed(0)
+    sd[next(iter(sd))].add_(1.0)
+    save_file(sd, str(sub / "mine.safetensors"))  # the file no longer matches its card
+    said.clear()
+    assert W.refresh_galleries(lb, force=True, say=said.append) == []
+    assert len(said) == 1 and "do not match the sha256 on their card; skipped" in said[0]
+    assert (site / "gallery" / "fmnist-sub-mine.png").is_file()  # the old gallery is kept
