@@ -78,7 +78,7 @@ def score_zoo(dataset: str, *, rescore: bool = False, config: ScoreConfig = Scor
             res = _cached(dataset, card["sha256"], config, imageset, results_root, say, card["id"])
         if res is None:
             model = zoo.load(card["id"], cards_dir=cards_dir)
-            res = score(model, imageset, config, test_split=test_split, progress=progress)
+            res = score(model, imageset, config, test_split=test_split, progress=progress).to_dict()
             if D.is_main():  # under torch.distributed rank 0 alone writes
                 with _lock(dataset, out_dir):
                     R.save_result(res, card, root=results_root)
@@ -122,7 +122,7 @@ def submit(path: str | Path, *, arch: str, dataset: str, name: str, notes: str =
         res = _cached(dataset, card["sha256"], config, imageset, results_root, say, card["id"])
     if res is None:
         S.check_not_degenerate(model, imageset, resolve_config(config, dataset), name=Path(path).name)
-        res = score(model, imageset, config, test_split=test_split, progress=progress)
+        res = score(model, imageset, config, test_split=test_split, progress=progress).to_dict()
     card["natural_accuracy"] = res["accuracy"].get("natural")
     card["robust_accuracy"] = res["accuracy"].get("robust")
     card["robust_protocol"] = res["accuracy"].get("robust_protocol", {})

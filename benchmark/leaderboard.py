@@ -21,6 +21,7 @@ import pandas as pd
 
 from salbench.benchmark import claims as C
 from salbench.benchmark import stats as S
+from salbench.benchmark.metric_registry import summary_metrics
 from salbench.benchmark.results import leaderboards_dir, list_results
 from salbench.model_zoo.zoo import atomic_write_bytes
 
@@ -98,23 +99,21 @@ def leaderboard_tables(results: list[dict], *, stats: bool = True,
                 "autoattack_acc": autoattack.get(m["sha256"], float("nan")),
             }
             put(row, "acc_on_set", acc["on_set"])
-            put(row, "gini", s["gini"])
-            put(row, "ssim_mean", s["ssim_mean"])
-            for sigma, v in s["ssim"].items():
-                put(row, f"ssim@{sigma}", v)
-            put(row, "log10_ros", s["log10_ros"])
-            put(row, "ros_nan_fraction", s["ros_nan_fraction"])
-            put(row, "aopc", s["aopc"])
+            # every registered metric's aggregates, in registry order (benchmark.metric_registry)
+            for spec, values in summary_metrics(s):
+                for agg in spec.aggregates(values):
+                    if not agg.curve:
+                        put(row, agg.name, agg.from_summary(s))
             row.update({"n_images": r["imageset"]["n"], "protocol": r["protocol"], "sha256": m["sha256"],
                         "name": m.get("name") or "", "notes": m.get("notes") or ""})
             rows.append(row)
-            for sigma, v in s["ssim"].items():
+            for sigma, v in s.get("ssim", {}).items():
                 sr = {"id": m["id"], "variant": m.get("variant"), "method": method, "sigma": float(sigma), "ssim": v}
                 if stats:
                     sr["ssim_lo"], sr["ssim_hi"] = ci[f"ssim@{sigma}"][1:]
                 sr["kept_fraction"] = s["ssim_kept_fraction"][sigma]
                 ssim_rows.append(sr)
-            for p, v in s["road_curve"].items():
+            for p, v in s.get("road_curve", {}).items():
                 rr = {"id": m["id"], "variant": m.get("variant"), "method": method, "percent_removed": int(p),
                       "accuracy": v}
                 if stats:

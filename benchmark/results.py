@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from salbench.metrics.protocol import PROTOCOL_VERSION
@@ -47,6 +48,107 @@ def result_path(dataset: str, sha256: str, protocol: str = PROTOCOL_VERSION, roo
 
 
 # ---------------------------------------------------------------------------------------------
+# the typed result
+# ---------------------------------------------------------------------------------------------
+
+_REQUIRED = {"protocol": str, "dataset": str, "imageset": dict, "config": dict, "versions": dict, "device": str,
+             "accuracy": dict, "summary": dict, "per_image": dict, "timings": dict}
+_STORED = {"model": dict, "created": str, "identity": str, "digest": str}
+
+
+@dataclass
+class Result:
+    """One model scored on one image set: what ``benchmark.scoring.score`` returns and, with the
+    model block, identity and digest added by :func:`save_result`, what a result file holds.
+
+    ``to_dict()`` is the JSON form (the stored file's keys and order); ``from_dict`` validates a
+    JSON form and raises ``ValueError`` naming the first problem (a missing or mistyped field,
+    per-image values that do not cover the ``imageset.n`` images, methods that do not match the
+    config). ``Result.from_dict(r.to_dict()) == r``.
+    """
+
+    protocol: str
+    dataset: str
+    imageset: dict  # images_sha256, n, split
+    config: dict  # the resolved ScoreConfig.to_dict()
+    versions: dict
+    device: str
+    accuracy: dict  # on_set; natural, robust, robust_protocol when measured
+    summary: dict  # method -> {aggregate: value} (metric_registry.MetricSpec.summarize)
+    per_image: dict  # correct, and method -> per-image values (MetricSpec.encode)
+    timings: dict
+    model: dict | None = None  # the card's MODEL_FIELDS (stored results)
+    created: str | None = None
+    identity: str | None = None
+    digest: str | None = None
+
+    @property
+    def methods(self) -> list[str]:
+        return list(self.summary)
+
+    @property
+    def n(self) -> int:
+        return int(self.imageset["n"])
+
+    def to_dict(self) -> dict:
+        d = {k: getattr(self, k) for k in ("model", "created") if getattr(self, k) is not None}
+        d.update({k: getattr(self, k) for k in _REQUIRED})
+        d.update({k: getattr(self, k) for k in ("identity", "digest") if getattr(self, k) is not None})
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Result":
+        if not isinstance(d, dict):
+            raise ValueError(f"a result must be a JSON object, got {type(d).__name__}")
+        unknown = sorted(set(d) - set(_REQUIRED) - set(_STORED))
+        if unknown:
+            raise ValueError(f"result has unknown fields {unknown}; expected {sorted({**_REQUIRED, **_STORED})}")
+        for k, t in {**_REQUIRED, **_STORED}.items():
+            if k in _REQUIRED and k not in d:
+                raise ValueError(f"result lacks the field {k!r}")
+            if k in d and not isinstance(d[k], t):
+                raise ValueError(f"result field {k!r} must be a {t.__name__}, got {type(d[k]).__name__}")
+        r = cls(**d)
+        r._validate()
+        return r
+
+    def _validate(self) -> None:
+        from salbench.benchmark import metric_registry as R
+
+        n = self.imageset.get("n")
+        if not isinstance(n, int) or n < 0:
+            raise ValueError(f"result imageset.n must be a non-negative integer, got {n!r}")
+        if not isinstance(self.imageset.get("images_sha256"), str):
+            raise ValueError("result imageset.images_sha256 must be a string")
+        correct = self.per_image.get("correct")
+        if not isinstance(correct, list) or len(correct) != n:
+            raise ValueError(f"result per_image.correct must list the {n} images, got "
+                             f"{len(correct) if isinstance(correct, list) else type(correct).__name__}")
+        methods = self.config.get("methods")
+        if methods is not None and list(methods) != self.methods:
+            raise ValueError(f"result summary methods {self.methods} differ from its config's {list(methods)}")
+        for m in self.methods:
+            per = self.per_image.get(m)
+            if not isinstance(per, dict):
+                raise ValueError(f"result has a {m} summary but no per-image {m} values")
+            for spec in R.metrics_in(per):
+                for field in spec.fields:
+                    v = per[field]
+                    axis = spec.image_axis.get(field, 0)
+                    got = len(v) if axis == 0 else (len(v[0]) if v else 0)
+                    if axis and not all(len(row) == n for row in v):
+                        got = -1
+                    if got != n:
+                        raise ValueError(f"result per_image.{m}.{field} must cover the {n} images (axis {axis})")
+                if not isinstance(self.summary[m], dict):
+                    raise ValueError(f"result summary.{m} must be an object")
+            if "acc_on_set" in self.per_image.get(m, {}):
+                raise ValueError("per_image fields may not be named acc_on_set")
+        if not isinstance(self.accuracy.get("on_set"), (int, float)):
+            raise ValueError("result accuracy.on_set must be a number")
+
+
+# ---------------------------------------------------------------------------------------------
 # identity: everything that changes a number of a result
 # ---------------------------------------------------------------------------------------------
 
@@ -60,7 +162,8 @@ def identity_fields(*, sha256: str, protocol: str, images_sha256: str, n_images:
 
     ``config`` is a *resolved* score config as stored in a result (``ScoreConfig.to_dict()`` with
     ``batch_size`` filled in). Included: the weights sha256, the protocol version, the image set
-    hash, and from the config the methods (in order: it is the row order), IG steps, σ levels,
+    hash, and from the config the methods (in order: it is the row order), the metrics (when not
+    the protocol's four: ``benchmark.metric_registry``), IG steps, σ levels,
     ROS samples and variant, ROAD levels and noise, the seed, whether accuracies are measured, the
     device *type* (``torch.Generator`` draws different noise on CPU and CUDA; the index of a GPU does
     not change the draws), and the batch size as far as it changes the random draws: generators are
@@ -87,7 +190,19 @@ def identity_fields(*, sha256: str, protocol: str, images_sha256: str, n_images:
         "accuracy": bool(c.get("accuracy", True)),
         "draw_batch_size": min(int(c["batch_size"]), int(n_images)),
         "device_type": device_type(c.get("device", "cpu")),
+        **_metrics_field(c),
     }
+
+
+# the metric set of every result scored before metrics were registered (their configs do not name it)
+_PROTOCOL_METRICS = ("gini", "ssim", "ros", "road")
+
+
+def _metrics_field(config: dict) -> dict:
+    """``{"metrics": [...]}`` when a config scores another metric set than the protocol's four, else
+    nothing: a result of the protocol's metrics keeps the identity it had before the field existed."""
+    names = [str(m) for m in (config.get("metrics") or _PROTOCOL_METRICS)]
+    return {} if tuple(names) == _PROTOCOL_METRICS else {"metrics": names}
 
 
 def result_identity(*, sha256: str, protocol: str, images_sha256: str, n_images: int, config: dict) -> str:
@@ -180,10 +295,12 @@ def find_reusable(dataset: str, sha256: str, *, config: dict, images_sha256: str
                  "--rescore scores again")
 
 
-def result_document(result: dict, card: dict, root: Path | None = None) -> tuple[Path, bytes]:
+def result_document(result: "Result | dict", card: dict, root: Path | None = None) -> tuple[Path, bytes]:
     """The path and the bytes :func:`save_result` writes (nothing is written): the card's model
     fields always win over a ``model`` block already in ``result`` (e.g. a re-used result), the
     identity is (re)computed and the content digest (:func:`content_digest`) added."""
+    if isinstance(result, Result):
+        result = result.to_dict()
     model = {k: card.get(k) for k in MODEL_FIELDS}
     rest = {k: v for k, v in result.items() if k not in ("model", "created", "identity", "digest")}
     doc = {"model": model,
@@ -196,7 +313,7 @@ def result_document(result: dict, card: dict, root: Path | None = None) -> tuple
     return p, (json.dumps(doc, separators=(",", ":")) + "\n").encode()
 
 
-def save_result(result: dict, card: dict, root: Path | None = None) -> Path:
+def save_result(result: "Result | dict", card: dict, root: Path | None = None) -> Path:
     """Write ``result`` for the checkpoint of ``card`` atomically (see :func:`result_document`)."""
     p, data = result_document(result, card, root)
     atomic_write_bytes(p, data)
@@ -257,6 +374,10 @@ def read_result_file(p: Path) -> dict:
     elif hashlib.sha256(raw).hexdigest() not in _legacy_hashes():
         raise StoredResultError(f"stored result {p} carries no digest and is not a known committed result "
                                 f"({LEGACY_MANIFEST.name}): it cannot be verified")
+    try:
+        Result.from_dict(doc)
+    except ValueError as e:
+        raise StoredResultError(f"stored result {p} is malformed: {e}") from None
     return doc
 
 

@@ -25,6 +25,8 @@ from tqdm.auto import tqdm
 from salbench import metrics
 from salbench.metrics import protocol as P
 from salbench.benchmark import distributed as D
+from salbench.benchmark.metric_registry import METRICS, Batch, MetricSpec, get_metric, stack_batches
+from salbench.benchmark.results import Result
 from salbench.model_zoo.attacks import natural_correct, robust_correct
 from salbench.model_zoo.data import Split
 from salbench.model_zoo.datasets import SpecView
@@ -57,6 +59,8 @@ class ScoreConfig:
     road_noise: float = P.ROAD_NOISE
     device: str = "cpu"
     accuracy: bool = True  # natural (full test split) and robust (first 1000 test images)
+    # the registered metrics to score (benchmark.metric_registry), in board order; None: every registered one
+    metrics: tuple[str, ...] | None = None
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -138,43 +142,20 @@ def explainer_for(method: str, cfg: ScoreConfig):
 
 
 def resolve_config(config: ScoreConfig, dataset: str) -> ScoreConfig:
-    """``config`` with ``batch_size`` filled in (the dataset's default when None): the config a
-    result stores and its identity (``benchmark.results.result_identity``) is computed from."""
+    """``config`` with ``batch_size`` (the dataset's default when None) and ``metrics`` (every
+    registered metric when None) filled in: the config a result stores and its identity (``benchmark.results.result_identity``) is computed from."""
     if config.batch_size is None:
-        return replace(config, batch_size=DEFAULT_BATCH_SIZE.get(dataset, 64))
+        config = replace(config, batch_size=DEFAULT_BATCH_SIZE.get(dataset, 64))
+    if config.metrics is None:
+        config = replace(config, metrics=tuple(METRICS))
+    for k in config.metrics:
+        get_metric(k)  # a clear error for an unknown name
     return config
-
-
-def _shard(per: dict, correct: torch.Tensor, mine: set[int], batch_size: int, n: int) -> dict:
-    """This rank's per-image values: {first image of a batch: (correct slice, {method: {metric: slice}})}."""
-    out = {}
-    for b in sorted(mine):
-        sl = slice(b * batch_size, min(n, (b + 1) * batch_size))
-        out[sl.start] = (correct[sl].clone(), {m: {k: (v[:, sl] if k.startswith("ssim") else v[sl]).clone()
-                                            for k, v in d.items()} for m, d in per.items()})
-    return out
-
-
-def _unshard(per: dict, correct: torch.Tensor, shard: dict) -> None:
-    """Copy a rank's ``_shard`` into the full per-image tensors (exact copies, no arithmetic)."""
-    for start, (c, values) in shard.items():
-        sl = slice(start, start + len(c))
-        correct[sl] = c
-        for m, d in values.items():
-            for k, v in d.items():
-                if k.startswith("ssim"):
-                    per[m][k][:, sl] = v
-                else:
-                    per[m][k][sl] = v
 
 
 def _gen(cfg: ScoreConfig, device, *parts) -> torch.Generator:
     key = zlib.crc32("/".join(map(str, parts)).encode())
     return torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + key)
-
-
-def _nan_to_none(values):
-    return [None if (v is None or (isinstance(v, float) and math.isnan(v))) else v for v in values]
 
 
 def versions() -> dict:
@@ -198,13 +179,16 @@ def score(
     *,
     test_split: Split | None = None,
     progress: bool = True,
-) -> dict:
-    """Score ``model`` on ``imageset`` (a ``benchmark.imagesets.ImageSet``).
+) -> Result:
+    """Score ``model`` on ``imageset`` (a ``benchmark.imagesets.ImageSet``) with every method of
+    ``config`` and every registered metric (``benchmark.metric_registry``).
 
-    Returns a JSON-able dict with per-image values (``per_image``), aggregates (``summary``),
-    accuracies, timings, the resolved config and package versions. Aggregation follows
-    PROTOCOL §3: Gini mean; SSIM mean over kept images per σ (+ kept fraction); log10 of the
-    nan-mean ROS (+ NaN fraction); ROAD curve = accuracy per level, AOPC.
+    Returns a :class:`~salbench.benchmark.results.Result` with per-image values (``per_image``),
+    aggregates (``summary``), accuracies, timings, the resolved config and package versions
+    (``Result.to_dict()`` is its JSON form). The stages are :func:`score_batch` per batch,
+    :func:`measure_accuracy` and :func:`aggregate`; aggregation follows PROTOCOL §3: Gini mean;
+    SSIM mean over kept images per σ (+ kept fraction); log10 of the nan-mean ROS (+ NaN
+    fraction); ROAD curve = accuracy per level, AOPC.
 
     The model is scored on ``config.device`` in eval mode with frozen parameters; afterwards the
     caller's ``model`` is back on its device, in its train/eval modes, with its ``requires_grad`` flags.
@@ -213,7 +197,7 @@ def score(
     ``salbench --procs K``; ``benchmark.distributed``) every rank calls this with the same arguments:
     rank r scores the scoring batches r, r + K, ... (the same batch boundaries and random draws as one
     process) and its share of the accuracy batches; the per-image values are gathered, and every rank
-    returns the same dict, equal in every per-image value to a single-process run on the same device
+    returns the same result, equal in every per-image value to a single-process run on the same device
     type. A bare ``device="cuda"`` means ``cuda:<LOCAL_RANK>`` there.
     """
     cfg = resolve_config(config, imageset.dataset)
@@ -255,142 +239,148 @@ class _ModelState:
 
 
 def _score(model: nn.Module, imageset, cfg: ScoreConfig, device: torch.device, *, test_split: Split | None,
-           progress: bool) -> dict:
+           progress: bool) -> Result:
     n = len(imageset)
     t_start = time.perf_counter()
-    timings: dict[str, float] = {}
-
-    def tick(key, t0):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        timings[key] = timings.get(key, 0.0) + time.perf_counter() - t0
-
-    correct = torch.zeros(n, dtype=torch.bool)
-    per = {m: {"gini": torch.zeros(n, dtype=torch.float64), "ros": torch.zeros(n, dtype=torch.float64),
-               "ssim": torch.zeros(len(cfg.sigmas), n, dtype=torch.float64),
-               "ssim_kept": torch.zeros(len(cfg.sigmas), n, dtype=torch.bool),
-               "road": torch.zeros(n, len(cfg.road_percentages), dtype=torch.bool)} for m in cfg.methods}
+    timer = _Timer(device)
+    specs = [get_metric(k) for k in cfg.metrics]
     explainers = {m: explainer_for(m, cfg) for m in cfg.methods}
     nb = math.ceil(n / cfg.batch_size)
     mine = set(D.my_batches(nb))  # all batches in one process; r, r + K, ... on rank r of K
     # one tick per (batch, method, stage): an IG stage at CIFAR/ImageNette size takes minutes on a CPU
-    stages = ("attribution", "ssim", "ros", "road")
-    bar = tqdm(total=len(mine) * len(cfg.methods) * len(stages), desc=f"scoring {imageset.dataset}", disable=not progress,
-               leave=False, unit="stage")
-
-    def step(m: str, stage: str) -> None:
-        bar.set_postfix_str(f"batch {start // cfg.batch_size + 1}/{nb} {m} {stage} done", refresh=False)
-        bar.update(1)
-
+    stages = ("attribution", *(s.name for s in specs))
+    bar = tqdm(total=len(mine) * len(cfg.methods) * len(stages), desc=f"scoring {imageset.dataset}",
+               disable=not progress, leave=False, unit="stage")
+    parts: dict[int, tuple] = {}  # first image of a batch -> (correct, {method: {metric: {field: values}}})
     for start, x, y in imageset.batches(cfg.batch_size):
-        if start // cfg.batch_size not in mine:
+        b = start // cfg.batch_size
+        if b not in mine:
             continue
-        x, y = x.to(device), y.to(device)
-        sl = slice(start, start + len(y))
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            logits = model(x)
-        correct[sl] = (logits.argmax(1) == y).cpu()
-        tick("forward", t0)
-        for m in cfg.methods:
-            ex = explainers[m]
-            t0 = time.perf_counter()
-            maps = ex(model, x, y)
-            tick(f"{m}/attribution", t0)
-            step(m, "attribution")
-            t0 = time.perf_counter()
-            per[m]["gini"][sl] = metrics.gini_index(maps).double().cpu()
-            tick(f"{m}/gini", t0)
-            t0 = time.perf_counter()
-            s = metrics.ssim_under_noise(model, x, y, ex, sigmas=cfg.sigmas,
-                                         generator=_gen(cfg, device, m, "ssim", start), maps=maps)
-            per[m]["ssim"][:, sl] = s.scores.double().cpu()
-            per[m]["ssim_kept"][:, sl] = s.kept.cpu()
-            tick(f"{m}/ssim", t0)
-            step(m, "ssim")
-            t0 = time.perf_counter()
-            per[m]["ros"][sl] = metrics.relative_output_stability(
-                model, x, y, ex, n_samples=cfg.ros_samples, variant=cfg.ros_variant,
-                generator=_gen(cfg, device, m, "ros", start), maps=maps, logits=logits).double().cpu()
-            tick(f"{m}/ros", t0)
-            step(m, "ros")
-            t0 = time.perf_counter()
-            per[m]["road"][sl] = metrics.road_curve(model, x, y, maps, percentages=cfg.road_percentages,
-                                                    noise=cfg.road_noise,
-                                                    generator=_gen(cfg, device, m, "road", start)).cpu()
-            tick(f"{m}/road", t0)
-            step(m, "road")
+
+        def step(m: str, stage: str) -> None:
+            bar.set_postfix_str(f"batch {b + 1}/{nb} {m} {stage} done", refresh=False)
+            bar.update(1)
+
+        parts[start] = score_batch(model, x.to(device), y.to(device), cfg, explainers, specs, start=start,
+                                   timer=timer, on_stage=step)
     bar.close()
     if D.active():  # every rank gets every batch's values (each batch scored by exactly one rank)
-        shards = D.all_gather_object(_shard(per, correct, mine, cfg.batch_size, n))
-        for shard in shards:
-            _unshard(per, correct, shard)
+        for shard in D.all_gather_object(parts):
+            parts.update(shard)
+    order = sorted(parts)
+    correct = torch.cat([parts[s][0] for s in order])
+    values = {m: {spec.name: stack_batches([parts[s][1][m][spec.name] for s in order], spec) for spec in specs}
+              for m in cfg.methods}
     metrics_seconds = time.perf_counter() - t_start
 
     acc = {"on_set": float(correct.float().mean())}
     if cfg.accuracy and test_split is not None:
-        # the same evaluation batches as one process (natural_accuracy's 1000, robust_accuracy's 500)
-        t0 = time.perf_counter()
-        nat_bs = 1000
-        nat = natural_correct(model, test_split.images, test_split.labels, batch_size=nat_bs,
-                              batches=D.my_batches(math.ceil(len(test_split) / nat_bs)))
-        acc["natural"] = D.all_sum(nat) / max(len(test_split), 1)
-        tick("natural_accuracy", t0)
-        t0 = time.perf_counter()
-        k = min(ROBUST_EVAL_IMAGES, len(test_split))
-        rob = ROBUST_EVAL[imageset.dataset]
-        rob_bs = 500
-        rc = robust_correct(model, test_split.images[:k], test_split.labels[:k], **rob, batch_size=rob_bs,
-                            progress=progress, batches=D.my_batches(math.ceil(k / rob_bs)))
-        acc["robust"] = D.all_sum(rc) / max(k, 1)
-        acc["robust_protocol"] = {**rob, "images": f"first {k} test images", "random_start": True}
-        tick("robust_accuracy", t0)
-    if D.active():  # stage times summed over the ranks (process-seconds); total and metrics_total: wall clock
-        own = dict(timings)
-        timings.clear()
-        for t in D.all_gather_object(own):
-            for key, v in t.items():
-                timings[key] = timings.get(key, 0.0) + v
-
-    summary, per_image = {}, {"correct": correct.int().tolist()}
-    for m in cfg.methods:
-        d = per[m]
-        kept = d["ssim_kept"]
-        ssim_means = [float(d["ssim"][i][kept[i]].mean()) if kept[i].any() else float("nan")
-                      for i in range(len(cfg.sigmas))]
-        log10_ros, nan_frac = metrics.aggregate_ros(d["ros"])
-        curve = d["road"].double().mean(0)
-        summary[m] = {
-            "gini": float(d["gini"].mean()),
-            "ssim": dict(zip(map(str, cfg.sigmas), ssim_means)),
-            "ssim_kept_fraction": dict(zip(map(str, cfg.sigmas), kept.double().mean(1).tolist())),
-            "ssim_mean": float(np.nanmean(ssim_means)),
-            "log10_ros": float(log10_ros),
-            "ros_nan_fraction": float(nan_frac),
-            "road_curve": dict(zip(map(str, cfg.road_percentages), curve.tolist())),
-            "aopc": float(metrics.road_aopc(d["road"])),
-        }
-        per_image[m] = {
-            "gini": d["gini"].tolist(),
-            "ros": _nan_to_none(d["ros"].tolist()),
-            "ssim": [_nan_to_none(r) for r in d["ssim"].tolist()],
-            "ssim_kept": kept.int().tolist(),
-            "road": d["road"].int().tolist(),
-        }
+        acc.update(measure_accuracy(model, test_split, imageset.dataset, timer=timer, progress=progress))
+    timings = timer.gathered()
+    summary, per_image = aggregate(values, correct, cfg, specs)
     timings = {k: round(v, 3) for k, v in timings.items()}
     timings["metrics_total"] = round(metrics_seconds, 3)
     timings["total"] = round(time.perf_counter() - t_start, 3)
     if D.active():
         timings["processes"] = D.world_size()
-    return {
-        "protocol": P.PROTOCOL_VERSION,
-        "dataset": imageset.dataset,
-        "imageset": {"images_sha256": imageset.images_sha256, "n": n, "split": imageset.split},
-        "config": cfg.to_dict(),
-        "versions": versions(),
-        "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
-        "accuracy": acc,
-        "summary": summary,
-        "per_image": per_image,
-        "timings": timings,
-    }
+    return Result(
+        protocol=P.PROTOCOL_VERSION, dataset=imageset.dataset,
+        imageset={"images_sha256": imageset.images_sha256, "n": n, "split": imageset.split},
+        config=cfg.to_dict(), versions=versions(),
+        device=str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
+        accuracy=acc, summary=summary, per_image=per_image, timings=timings)
+
+
+class _Timer:
+    """Seconds per stage key, summed; CUDA work is synchronised before a stage is timed."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.seconds = device, {}
+
+    def tick(self, key: str, t0: float) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        self.seconds[key] = self.seconds.get(key, 0.0) + time.perf_counter() - t0
+
+    def gathered(self) -> dict[str, float]:
+        """Stage times; under torch.distributed summed over the ranks (process-seconds)."""
+        if not D.active():
+            return dict(self.seconds)
+        out: dict[str, float] = {}
+        for t in D.all_gather_object(dict(self.seconds)):
+            for key, v in t.items():
+                out[key] = out.get(key, 0.0) + v
+        return out
+
+
+def score_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: ScoreConfig, explainers: dict,
+                specs: list[MetricSpec], *, start: int, timer: _Timer | None = None,
+                on_stage: Callable[[str, str], None] | None = None) -> tuple[torch.Tensor, dict]:
+    """Score one batch (images ``start``, ``start + 1``, ... of the set) with every method and metric.
+
+    Per method the clean maps are computed once and every metric re-uses them (and the clean
+    logits); each metric draws from its own generator, seeded by (seed, method, metric, ``start``).
+    Returns (correct (B,) bool on CPU, {method: {metric: {field: per-image values on CPU}}}).
+    """
+    device = x.device
+    timer = timer or _Timer(device)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        logits = model(x)
+    correct = (logits.argmax(1) == y).cpu()
+    timer.tick("forward", t0)
+    out = {}
+    for m in cfg.methods:
+        ex = explainers[m]
+        t0 = time.perf_counter()
+        maps = ex(model, x, y)
+        timer.tick(f"{m}/attribution", t0)
+        if on_stage:
+            on_stage(m, "attribution")
+        batch = Batch(model=model, x=x, y=y, explainer=ex, maps=maps, logits=logits, config=cfg,
+                      generator=lambda key, m=m: _gen(cfg, device, m, key, start))
+        out[m] = {}
+        for spec in specs:
+            t0 = time.perf_counter()
+            out[m][spec.name] = spec.compute(batch)
+            timer.tick(f"{m}/{spec.name}", t0)
+            if on_stage:
+                on_stage(m, spec.name)
+    return correct, out
+
+
+def measure_accuracy(model: nn.Module, test_split: Split, dataset: str, *, timer: _Timer | None = None,
+                     progress: bool = False) -> dict:
+    """Natural accuracy on the whole test split and robust accuracy (the dataset's attack, PROTOCOL §3)
+    on its first 1000 images; under torch.distributed each rank evaluates its share of the same batches
+    (natural_accuracy's 1000, robust_accuracy's 500) and the counts are summed."""
+    timer = timer or _Timer(torch.device("cpu"))
+    out = {}
+    t0 = time.perf_counter()
+    nat_bs = 1000
+    nat = natural_correct(model, test_split.images, test_split.labels, batch_size=nat_bs,
+                          batches=D.my_batches(math.ceil(len(test_split) / nat_bs)))
+    out["natural"] = D.all_sum(nat) / max(len(test_split), 1)
+    timer.tick("natural_accuracy", t0)
+    t0 = time.perf_counter()
+    k = min(ROBUST_EVAL_IMAGES, len(test_split))
+    rob = ROBUST_EVAL[dataset]
+    rob_bs = 500
+    rc = robust_correct(model, test_split.images[:k], test_split.labels[:k], **rob, batch_size=rob_bs,
+                        progress=progress, batches=D.my_batches(math.ceil(k / rob_bs)))
+    out["robust"] = D.all_sum(rc) / max(k, 1)
+    out["robust_protocol"] = {**rob, "images": f"first {k} test images", "random_start": True}
+    timer.tick("robust_accuracy", t0)
+    return out
+
+
+def aggregate(values: dict, correct: torch.Tensor, cfg: ScoreConfig, specs: list[MetricSpec]) -> tuple[dict, dict]:
+    """Per-image values of the whole set -> (``summary``, ``per_image``) of a result: each metric's
+    summary entries (``MetricSpec.summarize``, PROTOCOL §3) and stored per-image block (``encode``)."""
+    summary, per_image = {}, {"correct": correct.int().tolist()}
+    for m in cfg.methods:
+        summary[m], per_image[m] = {}, {}
+        for spec in specs:
+            summary[m].update(spec.summarize(values[m][spec.name], cfg))
+            per_image[m].update(spec.encode(values[m][spec.name]))
+    return summary, per_image

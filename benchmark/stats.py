@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats as sps
 
+from salbench.benchmark import metric_registry as R
+
 N_RESAMPLES = 10_000
 CONFIDENCE = 0.95
 ALPHA = 0.05
@@ -31,138 +33,139 @@ BOOTSTRAP_SEED = 0
 # resamples per vectorised call: keeps the (batch, n) index and count arrays cache-sized
 # (measured: 40% less CPU than all 10 000 at once); the random stream, hence every bound, is the same
 _BATCH = 2500
-# metric -> +1 (higher is better) / -1 (lower is better); None: reported, not compared
-DIRECTION = {"gini": +1, "ssim_mean": +1, "ssim": +1, "log10_ros": -1, "aopc": +1,
-             "ros_nan_fraction": None, "acc_on_set": None}
 VERDICTS = ("better", "worse", "no detectable difference", "not comparable")
 
 
+def _aggregate(metric: str):
+    """The registered :class:`~salbench.benchmark.metric_registry.Aggregate` named ``metric``
+    (``ssim@<σ>`` and ``road@<p>`` at any level), with the metric it belongs to."""
+    base = metric.split("@")[0]
+    for spec in R.METRICS.values():
+        for a in spec.aggregates(_PROBE):
+            if a.name.split("@")[0] == base:
+                return spec, a
+    return None, None
+
+
+# decoded values with one level each: enough to list a metric's aggregate names and directions
+_PROBE = {"sigmas": ["0"], "levels": ["0"], "road": np.zeros((0, 1))}
+
+
 def direction(metric: str) -> int | None:
-    """+1 / -1 / None for a metric name (``ssim@0.1`` has SSIM's direction).
+    """+1 / -1 / None for an aggregate name, as its metric registers it (``ssim@0.1`` has SSIM's
+    per-σ direction); ``acc_on_set`` is reported only.
 
     >>> direction("log10_ros"), direction("ssim@0.05"), direction("acc_on_set")
     (-1, 1, None)
     """
-    base = metric.split("@")[0]
-    if base not in DIRECTION:
-        raise ValueError(f"unknown metric {metric!r}; known: {', '.join(DIRECTION)} (and ssim@<sigma>)")
-    return DIRECTION[base]
+    if metric == "acc_on_set":
+        return None
+    _, a = _aggregate(metric)
+    if a is None:
+        names = [x.name for m in R.METRICS.values() for x in m.aggregates(_PROBE)]
+        raise ValueError(f"unknown metric {metric!r}; known: {', '.join(names)}, acc_on_set "
+                         "(ssim@<sigma>, road@<percent> at any level)")
+    return a.direction
 
 
 @dataclass
 class PerImage:
-    """The per-image values of one method of one stored result (n = images of the set).
+    """The per-image values of one method of one stored result: for each registered metric the
+    result holds, its decoded values (``metric_registry.MetricSpec.decode``), and whether each
+    image is classified correctly. ``n`` is the number of images of the set."""
 
-    ``ssim`` and ``kept`` are (S, n) over the σ levels ``sigmas``; ``ros`` has NaN where
-    the image's prediction flipped; ``road`` is the (n, L) correctness curve.
-    """
-
-    gini: np.ndarray
-    sigmas: list[str]
-    ssim: np.ndarray
-    kept: np.ndarray
-    ros: np.ndarray
-    road: np.ndarray
-    road_levels: list[str]
+    values: dict[str, dict]
     correct: np.ndarray
 
     @property
     def n(self) -> int:
-        return len(self.gini)
+        return len(self.correct)
+
+    @property
+    def metrics(self) -> list[R.MetricSpec]:
+        return [R.METRICS[k] for k in self.values]
+
+    def levels(self) -> dict[str, list[str]]:
+        return {m.name: list(m.levels(self.values[m.name])) for m in self.metrics}
+
+    def aggregates(self, *, curve: bool = False) -> list[R.Aggregate]:
+        return [a for m in self.metrics for a in m.aggregates(self.values[m.name]) if curve or not a.curve]
+
+    # the protocol metrics' values by name (convenience for callers and tests)
+    gini = property(lambda self: self.values["gini"]["gini"])
+    ros = property(lambda self: self.values["ros"]["ros"])
+    ssim = property(lambda self: self.values["ssim"]["ssim"])  # (S, n), 0 where not kept
+    kept = property(lambda self: self.values["ssim"]["kept"])  # (S, n)
+    sigmas = property(lambda self: self.values["ssim"]["sigmas"])
+    road = property(lambda self: self.values["road"]["road"])  # (n, L)
+    road_levels = property(lambda self: self.values["road"]["levels"])
 
     @property
     def aopc_terms(self) -> np.ndarray:
         """Per-image AOPC terms: their mean is the protocol's AOPC (it is linear in the curve)."""
-        r = self.road.astype(np.float64)
-        return (r[:, :1] - r).sum(axis=1) / (r.shape[1] + 1)
+        return R.aopc_terms(self.road)
 
     @property
     def log10_ros(self) -> np.ndarray:
-        with np.errstate(divide="ignore", invalid="ignore"):
-            return np.log10(self.ros)
+        return R._log10(self.ros)
 
     @classmethod
     def from_result(cls, result: dict, method: str) -> "PerImage":
+        """Decode one method of a stored result (every registered metric the result holds)."""
+        mid = result.get("model", {}).get("id", "?")
         try:
             d = result["per_image"][method]
-            sigmas = list(result["summary"][method]["ssim"].keys())
-            levels = list(result["summary"][method]["road_curve"].keys())
+            summ = result["summary"][method]
             correct = np.asarray(result["per_image"]["correct"], dtype=np.float64)
         except KeyError as e:
-            mid = result.get("model", {}).get("id", "?")
             raise ValueError(f"result of {mid} has no per-image {method} values ({e.args[0]!r} missing): "
                              "rescore it with `salbench leaderboard --rescore`") from None
-        ros = np.array([np.nan if v is None else v for v in d["ros"]], dtype=np.float64)
-        ssim = np.array([[np.nan if v is None else v for v in row] for row in d["ssim"]], dtype=np.float64)
-        kept = np.asarray(d["ssim_kept"], dtype=bool) & np.isfinite(ssim)
-        return cls(gini=np.asarray(d["gini"], dtype=np.float64), sigmas=sigmas, ssim=np.where(kept, ssim, 0.0),
-                   kept=kept, ros=ros, road=np.asarray(d["road"], dtype=np.float64), road_levels=levels,
-                   correct=correct)
+        values = {}
+        for spec in R.metrics_in(d):
+            try:
+                values[spec.name] = spec.decode(d, summ)
+            except (KeyError, ValueError, TypeError) as e:
+                raise ValueError(f"result of {mid}: the stored {method} values of metric {spec.name!r} are "
+                                 f"malformed ({e}); rescore it with `salbench leaderboard --rescore`") from None
+        return cls(values=values, correct=correct)
 
 
 class _Columns:
-    """Per-image columns whose count-weighted sums give every aggregate of :class:`PerImage`."""
+    """Per-image columns whose count-weighted sums give every aggregate of :class:`PerImage`:
+    ``one``, then each metric's columns (registry order), then ``acc_on_set``."""
 
     def __init__(self, pi: PerImage, valid: dict[str, np.ndarray] | None = None) -> None:
         valid = valid or {}
-        n, cols, self.index = pi.n, [], {}
+        cols, self.index = [], {}
 
         def add(name, v):
+            if name in self.index:
+                raise ValueError(f"two metrics define a column named {name!r}")
             self.index[name] = len(cols)
             cols.append(np.asarray(v, dtype=np.float64))
 
-        one = np.ones(n)
-        add("one", one)
-        add("gini", pi.gini)
-        for i, s in enumerate(pi.sigmas):
-            k = pi.kept[i] & valid.get(f"ssim@{s}", True)
-            add(f"ssim_k@{s}", k)
-            add(f"ssim_s@{s}", np.where(k, pi.ssim[i], 0.0))
-        ok = np.isfinite(pi.ros) & valid.get("log10_ros", True)
-        add("ros_ok", ok)
-        add("ros_v", np.where(ok, pi.ros, 0.0))
-        add("ros_finite", np.isfinite(pi.ros))
-        # AOPC as its integer numerator per image (sum over levels of r_1% - r_p, each 0/1): the
-        # count-weighted sums are then exact integers whatever the BLAS summation order, so the
-        # bootstrap values that tie with the estimate tie exactly and BCa's bias term is reproducible
-        r = pi.road.astype(np.float64)
-        add("aopc_num", (r[:, :1] - r).sum(axis=1))
-        self.aopc_den = r.shape[1] + 1
-        for j, p in enumerate(pi.road_levels):
-            add(f"road@{p}", pi.road[:, j])
+        add("one", np.ones(pi.n))
+        for spec in pi.metrics:
+            for name, v in spec.columns(pi.values[spec.name], valid):
+                add(name, v)
         add("acc_on_set", pi.correct)
         self.matrix = np.stack(cols, axis=1)  # (n, k)
-        self.sigmas, self.levels = pi.sigmas, pi.road_levels
+        self.pi = pi
+        self.by_name = {a.name: (spec, a) for spec in pi.metrics for a in spec.aggregates(pi.values[spec.name])}
 
     def aggregates(self, sums: np.ndarray, names: list[str]) -> np.ndarray:
         """``sums`` (..., k) of count-weighted columns -> (..., len(names)) aggregates."""
         col = lambda name: sums[..., self.index[name]]  # noqa: E731
+        out = []
         with np.errstate(divide="ignore", invalid="ignore"):
-            one = col("one")
-            per_sigma = {s: col(f"ssim_s@{s}") / col(f"ssim_k@{s}") for s in self.sigmas}
-            out = []
             for name in names:
-                if name == "gini":
-                    v = col("gini") / one
-                elif name.startswith("ssim@"):
-                    v = per_sigma[name[5:]]
-                elif name == "ssim_mean":
-                    stacked = np.stack([per_sigma[s] for s in self.sigmas], axis=-1)
-                    finite = np.isfinite(stacked)
-                    v = np.where(finite, stacked, 0.0).sum(-1) / finite.sum(-1)
-                elif name == "log10_ros":
-                    v = np.log10(col("ros_v") / col("ros_ok"))
-                elif name == "ros_nan_fraction":
-                    v = 1.0 - col("ros_finite") / one
-                elif name == "aopc":
-                    v = col("aopc_num") / (one * self.aopc_den)
-                elif name.startswith("road@"):
-                    v = col(name) / one
-                elif name == "acc_on_set":
-                    v = col("acc_on_set") / one
-                else:
+                if name == "acc_on_set":
+                    out.append(col("acc_on_set") / col("one"))
+                    continue
+                if name not in self.by_name:
                     raise ValueError(f"unknown aggregate {name!r}")
-                out.append(v)
+                spec, a = self.by_name[name]
+                out.append(a.value(col, self.pi.values[spec.name]))
         return np.stack(out, axis=-1)
 
 
@@ -205,9 +208,10 @@ def _bootstrap(n: int, statistic, seed: int) -> tuple[np.ndarray, np.ndarray, np
 
 
 def aggregate_names(pi: PerImage, curve: bool = False) -> list[str]:
-    names = ["gini", "ssim_mean", *[f"ssim@{s}" for s in pi.sigmas], "log10_ros", "ros_nan_fraction", "aopc",
-             "acc_on_set"]
-    return names + ([f"road@{p}" for p in pi.road_levels] if curve else [])
+    """Every aggregate of ``pi`` (its metrics' non-curve aggregates, then ``acc_on_set``; with
+    ``curve``, the curve points such as ``road@<p>`` last)."""
+    names = [a.name for a in pi.aggregates()] + ["acc_on_set"]
+    return names + ([a.name for a in pi.aggregates(curve=True) if a.curve] if curve else [])
 
 
 def aggregate_ci(pi: PerImage, names: list[str] | None = None, seed: int = BOOTSTRAP_SEED) -> dict[str, tuple]:
@@ -270,23 +274,26 @@ def verdict(delta: float, lo: float, hi: float, p_holm: float, metric: str, n_pa
     return "no detectable difference"
 
 
-COMPARED = ("gini", "ssim_mean", "log10_ros", "aopc")  # + ssim@<sigma> for every σ
-
-
 def compared_metrics(pi: PerImage) -> list[str]:
-    return ["gini", "ssim_mean", *[f"ssim@{s}" for s in pi.sigmas], "log10_ros", "aopc"]
+    """The aggregates with a direction (registry order): those the paired comparisons test."""
+    return [a.name for a in pi.aggregates() if a.direction is not None]
 
 
 def compare(model: PerImage, ref: PerImage, seed: int = BOOTSTRAP_SEED) -> list[dict]:
     """Paired comparison of one method of two results on the same images (PROTOCOL §7).
 
-    Returns one row per metric: metric, n_paired, delta (model - reference on the paired
-    images), delta_lo/delta_hi (paired BCa bootstrap), p (Wilcoxon), p_holm, verdict.
+    Returns one row per compared aggregate (:func:`compared_metrics`, of the metrics both results
+    hold): metric, n_paired, delta (model - reference on the paired images), delta_lo/delta_hi
+    (paired BCa bootstrap), p (Wilcoxon), p_holm, verdict.
     """
-    if model.n != ref.n or model.sigmas != ref.sigmas or model.road_levels != ref.road_levels:
+    shared = [k for k in model.values if k in ref.values]
+    model = PerImage({k: model.values[k] for k in shared}, model.correct)
+    ref = PerImage({k: ref.values[k] for k in shared}, ref.correct)
+    if model.n != ref.n or model.levels() != ref.levels():
         raise ValueError("the two results were not scored on the same images/levels; rescore one of them")
-    valid = {f"ssim@{s}": model.kept[i] & ref.kept[i] for i, s in enumerate(model.sigmas)}
-    valid["log10_ros"] = np.isfinite(model.ros) & np.isfinite(ref.ros)
+    valid = {}
+    for spec in model.metrics:
+        valid.update(spec.pair_valid(model.values[spec.name], ref.values[spec.name]))
     cm, cr = _Columns(model, valid), _Columns(ref, valid)
     names = compared_metrics(model)
     both = np.concatenate([cm.matrix, cr.matrix], axis=1)
@@ -299,23 +306,8 @@ def compare(model: PerImage, ref: PerImage, seed: int = BOOTSTRAP_SEED) -> list[
     est, lo, hi = _bootstrap(model.n, statistic, seed)
     rows = []
     for j, name in enumerate(names):
-        if name == "gini":
-            a, b = model.gini, ref.gini
-        elif name == "aopc":
-            a, b = model.aopc_terms, ref.aopc_terms
-        elif name == "log10_ros":
-            m = valid["log10_ros"]
-            a, b = model.log10_ros[m], ref.log10_ros[m]
-        elif name.startswith("ssim@"):
-            i = model.sigmas.index(name[5:])
-            m = valid[name]
-            a, b = model.ssim[i][m], ref.ssim[i][m]
-        else:  # ssim_mean: per image, the mean over the σ levels kept in both
-            km = np.stack([valid[f"ssim@{s}"] for s in model.sigmas])
-            has = km.any(0)
-            with np.errstate(invalid="ignore"):
-                a = (np.where(km, model.ssim, 0).sum(0) / km.sum(0))[has]
-                b = (np.where(km, ref.ssim, 0).sum(0) / km.sum(0))[has]
+        spec, agg = cm.by_name[name]
+        a, b = agg.paired(model.values[spec.name], ref.values[spec.name], valid)
         rows.append({"metric": name, "n_paired": int(len(a)), "delta": float(est[j]), "delta_lo": float(lo[j]),
                      "delta_hi": float(hi[j]), "p": wilcoxon_p(a, b)})
     for r, ph in zip(rows, holm([r["p"] for r in rows])):

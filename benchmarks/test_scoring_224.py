@@ -57,7 +57,7 @@ def test_per_image_time_224(benchmark, record):
     cfg = ScoreConfig(ig_steps=2, sigmas=(SSIM_SIGMAS[0],), ros_samples=1, accuracy=False)
     results = []
     benchmark.pedantic(lambda: results.append(score(model, imageset, cfg, progress=False)), rounds=1, iterations=1)
-    t = results[0]["timings"]
+    t = results[0].timings
     per = {k: v / TIME_N for k, v in t.items()}
     vg_full = per["VG/attribution"] * (1 + len(SSIM_SIGMAS) + ROS_SAMPLES) + per["VG/road"] + per["VG/gini"]
     ig_step = per["IG/attribution"] / 2
@@ -110,7 +110,7 @@ res = score(model, s, ScoreConfig(methods=("VG",), sigmas=(0.05,), ros_samples=1
 with open("/proc/self/status") as f:
     peak = next(int(l.split()[1]) for l in f if l.startswith("VmHWM:")) / 1024
 print(json.dumps({{"peak_rss_mib": peak, "rss_before_scoring_mib": before, "seconds": time.perf_counter() - t0,
-                  "aopc": res["summary"]["VG"]["aopc"]}}))
+                  "aopc": res.summary["VG"]["aopc"]}}))
 """
 
 

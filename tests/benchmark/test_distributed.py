@@ -37,7 +37,7 @@ def _rank_main(rank: int, world: int, init_file: str, model, imageset, test_spli
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         assert D.active() and D.rank() == rank and D.world_size() == world
-        res = score(model, imageset, CFG, test_split=test_split, progress=False)
+        res = score(model, imageset, CFG, test_split=test_split, progress=False).to_dict()
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(res))
     finally:
         torch.distributed.destroy_process_group()
@@ -62,7 +62,7 @@ def test_two_gloo_ranks_score_bit_for_bit_like_one_process(env, trained_models, 
     reps = 4  # 300 test images repeated: 1200 images, 2 natural and 2 robust evaluation batches
     split = Split("fmnist", "test", t.images.repeat(reps, 1, 1, 1), t.labels.repeat(reps), t.source)
     torch.set_num_threads(1)
-    single = json.loads(json.dumps(score(model, env["imageset"], CFG, test_split=split, progress=False)))
+    single = json.loads(json.dumps(score(model, env["imageset"], CFG, test_split=split, progress=False).to_dict()))
     r0, r1 = _two_rank_results(tmp_path, model, env["imageset"], split)
     assert r0["per_image"] == r1["per_image"] and r0["accuracy"] == r1["accuracy"]
     assert r0["per_image"].keys() == single["per_image"].keys()
@@ -103,7 +103,7 @@ def test_procs_flag_launches_two_ranks_and_rank0_writes_once(env, tmp_path):
     torch.set_num_threads(1)
     single = score(zoo.load(mid), env["imageset"],
                    ScoreConfig(methods=("VG",), batch_size=15), test_split=load_split("fmnist", "test"), progress=False)
-    single = json.loads(json.dumps(single))
+    single = json.loads(json.dumps(single.to_dict()))
     assert res["per_image"] == single["per_image"]
     assert res["accuracy"] == single["accuracy"]
     assert (env["lb"] / "fmnist.csv").is_file()

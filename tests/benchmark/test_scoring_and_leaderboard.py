@@ -13,8 +13,8 @@ from .conftest import FAST
 
 def test_score_is_deterministic_and_complete(env):
     model = zoo.load(env["refs"]["G"])
-    a = score(model, env["imageset"], FAST, test_split=env["test"], progress=False)
-    b = score(zoo.load(env["refs"]["G"]), env["imageset"], FAST, test_split=env["test"], progress=False)
+    a = score(model, env["imageset"], FAST, test_split=env["test"], progress=False).to_dict()
+    b = score(zoo.load(env["refs"]["G"]), env["imageset"], FAST, test_split=env["test"], progress=False).to_dict()
     assert a["per_image"] == b["per_image"] and a["summary"] == b["summary"] and a["accuracy"] == b["accuracy"]
     n = len(env["imageset"])
     for m in ("VG", "IG"):

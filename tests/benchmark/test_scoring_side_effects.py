@@ -56,8 +56,8 @@ def test_ig_internal_batch_size_bounds_each_forward_pass_but_not_the_numbers():
 
 def test_ig_internal_batch_size_leaves_scores_unchanged():
     s = _set(12)
-    a = score(_model(), s, CFG, progress=False)
-    b = score(_model(), s, replace(CFG, ig_internal_batch_size=3), progress=False)
+    a = score(_model(), s, CFG, progress=False).to_dict()
+    b = score(_model(), s, replace(CFG, ig_internal_batch_size=3), progress=False).to_dict()
     assert a["per_image"]["VG"] == b["per_image"]["VG"]
     assert a["per_image"]["IG"]["road"] == b["per_image"]["IG"]["road"]
     assert a["per_image"]["IG"]["gini"] == pytest.approx(b["per_image"]["IG"]["gini"], rel=1e-5, abs=1e-7)
@@ -98,4 +98,4 @@ def test_score_on_cuda_returns_the_model_to_its_device():
     model = _prepared_model()
     before = _state(model)
     res = score(model, _set(12), replace(CFG, device="cuda"), progress=False)
-    assert _state(model) == before and res["config"]["device"] == "cuda"
+    assert _state(model) == before and res.config["device"] == "cuda"

@@ -21,14 +21,14 @@ LEVELS = ["1", "6", "11"]
 
 def _pi(n=200, seed=0, gini=None, ros=None, ssim=None, kept=None, road=None) -> S.PerImage:
     rng = np.random.default_rng(seed)
-    return S.PerImage(
-        gini=rng.random(n) if gini is None else np.asarray(gini, float),
-        sigmas=SIGMAS,
-        ssim=rng.random((2, n)) if ssim is None else np.asarray(ssim, float),
-        kept=np.ones((2, n), bool) if kept is None else np.asarray(kept, bool),
-        ros=10 ** rng.normal(3, 0.5, n) if ros is None else np.asarray(ros, float),
-        road=(rng.random((n, 3)) < [0.9, 0.6, 0.3]).astype(float) if road is None else np.asarray(road, float),
-        road_levels=LEVELS, correct=np.ones(n))
+    ssim = rng.random((2, n)) if ssim is None else np.asarray(ssim, float)
+    kept = np.ones((2, n), bool) if kept is None else np.asarray(kept, bool)
+    return S.PerImage(values={
+        "gini": {"gini": rng.random(n) if gini is None else np.asarray(gini, float)},
+        "ssim": {"ssim": np.where(kept, ssim, 0.0), "kept": kept, "sigmas": SIGMAS},
+        "ros": {"ros": 10 ** rng.normal(3, 0.5, n) if ros is None else np.asarray(ros, float)},
+        "road": {"road": (rng.random((n, 3)) < [0.9, 0.6, 0.3]).astype(float) if road is None
+                 else np.asarray(road, float), "levels": LEVELS}}, correct=np.ones(n))
 
 
 def test_estimates_are_the_protocol_aggregates():

@@ -21,6 +21,7 @@ from salbench.benchmark import leaderboard as L
 from salbench.benchmark import store
 from salbench.benchmark import submit as S
 from salbench.benchmark.cli import main
+from salbench.benchmark.results import Result
 from salbench.model_zoo.architectures import build
 
 from .conftest import FAST
@@ -61,10 +62,10 @@ def test_kill_at_every_write_boundary_leaves_old_or_completed_state(base, tmp_pa
     env, lb = base, base["lb"]
     f = _weights(tmp_path, 5, "mine.safetensors")
     prepared = S.prepare_submission(f, arch="lenet", dataset="fmnist", name="atomic")
-    res = harness.score(prepared[0], env["imageset"], CHEAP, test_split=env["test"], progress=False)
+    res = harness.score(prepared[0], env["imageset"], CHEAP, test_split=env["test"], progress=False).to_dict()
     res["created"] = "2026-01-01T00:00:00+00:00"
     monkeypatch.setattr(S, "prepare_submission", lambda *a, **k: (prepared[0], dict(prepared[1]), prepared[2]))
-    monkeypatch.setattr(harness, "score", lambda *a, **k: dict(res))
+    monkeypatch.setattr(harness, "score", lambda *a, **k: Result.from_dict(dict(res)))
     kw = dict(arch="lenet", dataset="fmnist", name="atomic", config=CHEAP, progress=False, rescore=True,
               imageset=env["imageset"], test_split=env["test"])
     regen = dict(images_sha256=env["imageset"].images_sha256)
