@@ -104,6 +104,13 @@ def cmd_zoo_list(args) -> int:
     return EXIT_OK
 
 
+def cmd_zoo_archs(args) -> int:
+    from salbench.model_zoo.architectures.describe import describe_all
+
+    print(describe_all(keys_for=args.keys))
+    return EXIT_OK
+
+
 def cmd_zoo_presets(args) -> int:
     from salbench.model_zoo.recipes import PRESETS
 
@@ -241,10 +248,12 @@ def cmd_score(args) -> int:
         # whether a stored result is re-used (and when it was scored) or why it is scored: always said
         card, res = submit(args.file, arch=args.arch, dataset=args.dataset, name=args.name, notes=args.notes,
                            smoothing=args.smoothing, rescore=args.rescore, config=_config(args),
-                           progress=not args.quiet, notify=lambda msg: print(msg, flush=True))
+                           progress=not args.quiet, notify=notify,
+                           normalization={"mean": args.mean, "std": args.std} if args.mean is not None else None,
+                           state_key=args.state_key, key_map=args.key_map, claimed_accuracy=args.claimed_accuracy)
     except SubmissionError as e:
         if _is_main():
-            print(f"salbench: rejected: {e}", file=sys.stderr)
+            print(f"salbench: rejected: {_plain(str(e))}", file=sys.stderr)
         return EXIT_BAD_INPUT
     if not _is_main():
         return EXIT_OK
@@ -253,6 +262,17 @@ def cmd_score(args) -> int:
     for m, s in res["summary"].items():
         print(f"  {m}: Gini {s['gini']:.4f}  SSIM {s['ssim_mean']:.4f}  log10 ROS {s['log10_ros']:.3f} "
               f"(NaN {s['ros_nan_fraction']:.3f})  AOPC {s['aopc']:.4f}")
+    from salbench.benchmark import score_report
+
+    said: list[str] = []
+
+    def notify(msg: str) -> None:
+        said.append(msg)
+        print(msg, flush=True)
+
+    if (args.mean is None) != (args.std is None):
+        print("salbench: rejected: --mean and --std go together (one value per input channel each)", file=sys.stderr)
+        return EXIT_BAD_INPUT
     _print_verdicts(args.dataset, card["id"])
     return EXIT_OK
 
@@ -269,22 +289,16 @@ def _print_verdicts(dataset: str, model_id: str) -> None:
     df = pd.read_csv(path)
     df = df[(df["model"] == model_id) & df["metric"].isin(["gini", "ssim_mean", "log10_ros", "aopc"])]
     if df.empty:
+    if card.get("key_map"):
+        print(f"  (keys renamed by the {card['key_map']!r} key map; model_zoo/keymaps.py)")
+    score_report.report(args.dataset, card, reused=not any(m.startswith("scoring ") for m in said))
         print(f"  (no reference A/G results on the {dataset} board to compare with)")
+    score_report.regenerate_figures(args.dataset)
         return
-    board = pd.read_csv(leaderboards_dir() / f"{dataset}.csv")
-    for method, rows in board.groupby("method", sort=False):
-        if model_id not in set(rows["id"]):
-            continue
-        ranks = []
-        for metric, higher in (("gini", True), ("ssim_mean", True), ("log10_ros", False), ("aopc", True)):
-            order = rows.sort_values(metric, ascending=not higher)["id"].tolist()
-            ranks.append(f"{metric} {order.index(model_id) + 1}/{len(order)}")
-        print(f"  rank among the {len(rows)} {method} rows (1 = best): " + ", ".join(ranks))
     print(f"verdicts vs the reference models (paired over the set, 95% CI of the difference; {path.name}):")
     for _, r in df.iterrows():
         print(f"  vs {r['reference']:<32s} {r['method']:3s} {r['metric']:<10s} {r['delta']:+.4f} "
               f"[{r['delta_lo']:+.4f}, {r['delta_hi']:+.4f}]  p_holm {r['p_holm']:.2g}  {r['verdict']}")
-    print(f"rows: leaderboards/{dataset}.csv (id {model_id}); figures: `salbench figures --dataset {dataset}`")
 
 
 def _scoring_args(p) -> None:
@@ -346,10 +360,14 @@ def build_parser() -> argparse.ArgumentParser:
     i.set_defaults(func=cmd_imageset)
 
     s = sub.add_parser("score", help="validate, score and add a submitted checkpoint to the leaderboard",
-                       description="Score a checkpoint (.safetensors, or a state-dict .pt read with weights_only=True) "
-                                   "on the dataset's fixed image set and add it to the leaderboard.")
+                       description="Score a checkpoint (.safetensors, or a state-dict .pt read with weights_only=True, "
+                                   "of a registry architecture) or an exported program of any architecture (.pt2 from "
+                                   "torch.export.save, read without running code from it) on the dataset's fixed "
+                                   "image set and add it to the leaderboard; then print where its rows are, its ranks "
+                                   "and verdicts, and redraw the dataset's SSIM and ROAD figures.")
     s.add_argument("file")
-    s.add_argument("--arch", required=True, help="registry architecture name (salbench zoo archs)")
+    s.add_argument("--arch", default=None,
+                   help="registry architecture name (salbench zoo archs) for weights; none (or 'exported') for a .pt2")
     s.add_argument("--dataset", required=True, choices=DATASETS)
     s.add_argument("--name", required=True, help="leaderboard name of the submission")
     s.add_argument("--notes", default="", help="free text stored on the card")
@@ -370,6 +388,19 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="the main job: leaderboard + figures for a dataset, printing the table")
     r.add_argument("--dataset", default="fmnist", choices=DATASETS)
     _scoring_args(r)
+    s.add_argument("--state-key", default=None, metavar="KEY",
+                   help="the entry of a checkpoint dict holding the state dict, e.g. model for {'model': sd, 'epoch': 1}")
+    s.add_argument("--key-map", default="auto", metavar="NAME",
+                   help="rename the file's keys: auto (a known map when only it makes the keys fit, e.g. torchvision "
+                        "ResNet-18 names), none, or a map name (torchvision); see model_zoo/keymaps.py")
+    s.add_argument("--mean", type=float, nargs="+", default=None, metavar="M",
+                   help="per-channel mean the model was trained with, [0, 1] pixel space (default: the dataset's); "
+                        "stored on the card; with --std")
+    s.add_argument("--std", type=float, nargs="+", default=None, metavar="S",
+                   help="per-channel std the model was trained with (default: the dataset's); with --mean")
+    s.add_argument("--claimed-accuracy", type=float, default=None, metavar="ACC",
+                   help="natural test accuracy the model is known to reach (fraction or percent), on the card; "
+                        "refused if the measured one is more than 5 points lower (e.g. a wrong normalisation)")
     _only_arg(r)
     r.set_defaults(func=cmd_run)
 
@@ -395,8 +426,9 @@ def build_parser() -> argparse.ArgumentParser:
     zp = zsub.add_parser("presets", help="list training presets with their description")
     zp.add_argument("--dataset", default=None, choices=DATASETS)
     zp.set_defaults(func=cmd_zoo_presets)
-    za = zsub.add_parser("archs", help="list registered architectures")
-    za.set_defaults(func=lambda a: print("\n".join(__import__("salbench.model_zoo.architectures", fromlist=["x"]).list_archs())) or 0)
+    za = zsub.add_parser("archs", help="registered architectures: input size, datasets, expected state-dict keys")
+    za.add_argument("--keys", default=None, metavar="ARCH", help="every state-dict key of ARCH with its shape")
+    za.set_defaults(func=cmd_zoo_archs)
     _finish(p)
     return p
 

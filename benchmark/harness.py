@@ -96,10 +96,12 @@ def regenerate(dataset: str, *, results_root: Path | None = None, out_dir: Path 
         return write_leaderboard(dataset, results_root=results_root, out_dir=out_dir, images_sha256=images_sha256)
 
 
-def submit(path: str | Path, *, arch: str, dataset: str, name: str, notes: str = "", smoothing: str | None = None,
+def submit(path: str | Path, *, arch: str | None, dataset: str, name: str, notes: str = "", smoothing: str | None = None,
            rescore: bool = False, config: ScoreConfig = ScoreConfig(), progress: bool = True,
            results_root: Path | None = None, out_dir: Path | None = None, submissions_dir: Path | None = None,
-           imageset=None, test_split=None, notify: Callable[[str], None] | None = None) -> tuple[dict, dict]:
+           imageset=None, test_split=None, notify: Callable[[str], None] | None = None,
+           normalization: dict | None = None, state_key: str | None = None, key_map: str | None = "auto",
+           claimed_accuracy: float | None = None) -> tuple[dict, dict]:
     """Validate, score and add a submitted checkpoint to the leaderboard. Nothing is written
     unless validation and scoring both succeed.
 
@@ -111,9 +113,13 @@ def submit(path: str | Path, *, arch: str, dataset: str, name: str, notes: str =
     # validate first: a rejected file costs no data loading and writes nothing
     model, card, payload = S.prepare_submission(path, arch=arch, dataset=dataset, name=name, notes=notes,
                                                 smoothing=S.parse_smoothing(smoothing),
-                                                submissions_dir=submissions_dir, results_root=results_root)
+                                                submissions_dir=submissions_dir, results_root=results_root,
+                                                normalization=normalization, state_key=state_key, key_map=key_map,
+                                                claimed_accuracy=S.parse_claimed_accuracy(claimed_accuracy))
     check_writable(dataset, out_dir=out_dir, results_root=results_root, submissions_dir=submissions_dir)
     test_split = test_split or load_split(dataset, "test")
+    S.check_claimed_accuracy(model, test_split, card.get("claimed_accuracy"), dataset=dataset, name=Path(path).name,
+                             normalization=card.get("normalization"))
     imageset = imageset or load_imageset(dataset, test_split=test_split)
     if rescore:
         res = None

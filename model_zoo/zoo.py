@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import math
 import os
 import subprocess
 import tempfile
@@ -105,9 +106,12 @@ def state_dict_bytes(model: nn.Module) -> bytes:
     return save(sd)
 
 
-def read_state_dict(path: str | os.PathLike, *, max_bytes: int | None = None) -> dict[str, torch.Tensor]:
+def read_state_dict(path: str | os.PathLike, *, max_bytes: int | None = None,
+                    state_key: str | None = None) -> dict[str, torch.Tensor]:
     """Read weights without executing code: ``.safetensors``, or a ``.pt``/``.pth`` state dict
-    through ``torch.load(weights_only=True)``.
+    through ``torch.load(weights_only=True)``. ``state_key``: the state dict is the entry of that
+    name in a checkpoint dict (e.g. ``{"model": state_dict, "epoch": 1}``); without it a dict with a
+    ``state_dict`` entry is unwrapped.
 
     Memory is bounded by ``max_bytes`` (default ``MAX_CHECKPOINT_BYTES``): the file's size, and for a
     (possibly compressed) torch zip the sizes its records declare, are checked before anything is read.
@@ -147,12 +151,23 @@ def read_state_dict(path: str | os.PathLike, *, max_bytes: int | None = None) ->
                 "it may be truncated, corrupt or contain pickled code. Save it with "
                 "`safetensors.torch.save_file(model.state_dict(), 'model.safetensors')`."
             ) from None
-        if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+        if state_key is not None:
+            if not isinstance(sd, dict) or state_key not in sd:
+                keys = ", ".join(repr(k) for k in sd)[:200] if isinstance(sd, dict) else type(sd).__name__
+                raise CheckpointError(f"{path.name} has no entry {state_key!r} (--state-key); its top-level keys: {keys}")
+            sd = sd[state_key]
+        elif isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
             sd = sd["state_dict"]
     else:
         raise CheckpointError(f"{path}: unsupported checkpoint format {path.suffix!r}; use .safetensors or a .pt state dict")
+    if state_key is not None and path.suffix == ".safetensors":
+        raise CheckpointError(f"{path.name}: --state-key applies to a .pt/.pth checkpoint dict; a safetensors file "
+                              "holds the state dict itself")
     if not isinstance(sd, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in sd.items()):
-        raise CheckpointError(f"{path} does not hold a flat {{name: tensor}} state dict")
+        nested = [k for k, v in sd.items() if isinstance(v, dict)] if isinstance(sd, dict) else []
+        hint = (f"; it looks like a checkpoint dict: pass --state-key with the entry that holds the weights "
+                f"({', '.join(map(repr, nested[:4]))})") if nested else ""
+        raise CheckpointError(f"{path} does not hold a flat {{name: tensor}} state dict{hint}")
     for k, v in sd.items():
         kind = _tensor_kind_problem(v)
         if kind:
@@ -205,21 +220,74 @@ def load_checkpoint(
     num_classes: int = 10,
     dataset: str | None = None,
     smoothing: dict | None = None,
+    normalization: dict | None = None,
+    state_key: str | None = None,
+    key_map: str | None = None,
 ) -> nn.Module:
     """Build ``arch`` and load weights from an outside file, strictly (no silent missing keys).
+    The keyword arguments are those of :func:`read_checkpoint`.
 
     Raises:
         CheckpointError: unreadable file, or keys/shapes that do not fit the architecture.
     """
+    return read_checkpoint(path, arch, num_classes=num_classes, dataset=dataset, smoothing=smoothing,
+                           normalization=normalization, state_key=state_key, key_map=key_map)[0]
+
+
+def read_checkpoint(
+    path: str | os.PathLike,
+    arch: str,
+    *,
+    num_classes: int = 10,
+    dataset: str | None = None,
+    smoothing: dict | None = None,
+    normalization: dict | None = None,
+    state_key: str | None = None,
+    key_map: str | None = None,
+) -> tuple[nn.Module, dict]:
+    """Build ``arch`` and load weights from an outside file, strictly; returns ``(model, how)``
+    where ``how["key_map"]`` names the key map applied (or None).
+
+    Args:
+        normalization: ``{"mean": [...], "std": [...]}`` (one value per channel, [0, 1] pixel space)
+            for the model's first layer instead of the dataset's (PROTOCOL §1); stored on the card.
+        state_key: the checkpoint dict entry that holds the state dict (:func:`read_state_dict`).
+        key_map: ``"auto"`` (apply a map of ``model_zoo.keymaps`` for this arch when the file's keys
+            fit only after it), a map name (e.g. ``"torchvision"``), or None/"none" (keys as saved).
+
+    Raises:
+        CheckpointError: unreadable file, or keys/shapes that do not fit the architecture.
+    """
+    from salbench.model_zoo import keymaps
+
     model = build(arch, num_classes=num_classes, dataset=dataset, smoothing=smoothing)
+    if normalization is not None:
+        set_normalization(model, normalization)
     expected = model.state_dict()
-    sd = read_state_dict(path, max_bytes=arch_bytes_limit(expected))
+    sd = read_state_dict(path, max_bytes=arch_bytes_limit(expected), state_key=state_key)
+    applied = None
+    if key_map not in (None, "none", "auto"):
+        try:
+            sd = keymaps.apply_key_map(sd, arch, key_map)
+        except ValueError as e:
+            raise CheckpointError(f"{Path(path).name}: {e}") from None
+        applied = key_map
+    elif key_map == "auto" and set(sd) != set(expected):
+        for name in keymaps.key_maps_for(arch):
+            mapped = keymaps.apply_key_map(sd, arch, name)
+            if set(mapped) == set(expected):
+                sd, applied = mapped, name
+                break
     missing = sorted(set(expected) - set(sd))
     unexpected = sorted(set(sd) - set(expected))
     if missing or unexpected:
         hint = ""
         if smoothing is None and any(k.startswith("smooth.") for k in unexpected):
             hint = " (the file has a SmoothBlock: pass the smoothing filter/placement)"
+        elif keymaps.key_maps_for(arch) and applied is None:
+            hint = f" (key maps for {arch}: {', '.join(keymaps.key_maps_for(arch))}; `salbench zoo archs` lists the keys)"
+        else:
+            hint = " (`salbench zoo archs` lists each architecture's keys)"
         raise CheckpointError(
             f"{Path(path).name} does not fit architecture {arch!r}{hint}: "
             f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
@@ -234,7 +302,32 @@ def load_checkpoint(
     if kinds:
         raise CheckpointError(f"{Path(path).name} does not fit architecture {arch!r}: dtype mismatch {kinds[:3]}")
     model.load_state_dict({k: sd[k].to(v.dtype) for k, v in expected.items()}, strict=True)
-    return model.eval()
+    return model.eval(), {"key_map": applied}
+
+
+def set_normalization(model: nn.Module, normalization: dict) -> None:
+    """Replace a registry model's first layer by ``Normalize(mean, std)`` from ``normalization``
+    (``{"mean": [...], "std": [...]}``, one value per input channel, finite, std > 0).
+
+    Raises:
+        ValueError: wrong channel count, non-finite values or a std <= 0, or a model without a
+            ``normalize`` first layer.
+    """
+    from salbench.model_zoo.architectures import Normalize
+
+    old = getattr(model, "normalize", None)
+    if not isinstance(old, Normalize):
+        raise ValueError(f"{type(model).__name__} has no normalisation layer to set")
+    channels = old.mean.numel()
+    mean, std = normalization.get("mean"), normalization.get("std")
+    for label, v in (("mean", mean), ("std", std)):
+        if not isinstance(v, (list, tuple)) or len(v) != channels or not all(isinstance(a, (int, float)) for a in v):
+            raise ValueError(f"--{label} must be {channels} number(s), one per input channel, got {v!r}")
+        if not all(math.isfinite(a) for a in v):
+            raise ValueError(f"--{label} must be finite, got {list(v)}")
+    if min(std) <= 0:
+        raise ValueError(f"--std must be > 0 for every channel, got {list(std)}")
+    model.normalize = Normalize([float(a) for a in mean], [float(a) for a in std])
 
 
 # ----------------------------------------------------------------------------- cards
@@ -286,7 +379,7 @@ def load(model_id: str, *, cards_dir: Path | None = None, device: str | torch.de
     if digest != card["sha256"]:
         raise CheckpointError(f"{wp.name}: sha256 {digest[:16]}... differs from the card's {card['sha256'][:16]}...")
     model = load_checkpoint(wp, card["arch"], num_classes=card["num_classes"], dataset=card["dataset"],
-                            smoothing=card["smoothing"])
+                            smoothing=card["smoothing"], normalization=card.get("normalization"))
     return model.to(device).eval()
 
 

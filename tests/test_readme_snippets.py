@@ -1,6 +1,7 @@
 """Every ```python block of README.md runs as written (refactor issue, defect 10).
 
-Each block is executed on its own, in a fresh namespace, from the repository root: a block
+Each block is executed on its own, in a fresh namespace, in a fresh temporary working directory
+(``cwd``; the repository root when none is given), so a block may write files: a block
 that no longer matches the API (a renamed function, a changed return type) fails here. A block
 whose first line is a marker comment ``# needs: PATH_OR_$ENV_VAR [...]`` (data, a GPU checkpoint)
 is skipped, with the missing item as the reason, when one of them is absent; no marker means
@@ -48,17 +49,17 @@ def missing_requirements(code: str) -> list[str]:
 BLOCKS = python_blocks(README.read_text())
 
 
-def _run(code: str, line: int) -> dict:
+def _run(code: str, line: int, cwd: Path | None = None) -> dict:
     missing = missing_requirements(code)
     if missing:
         pytest.skip(f"README.md block at line {line} needs {', '.join(missing)}, absent here")
     namespace: dict = {"__name__": "__readme__"}
-    cwd = os.getcwd()
-    os.chdir(README.parent)
+    old = os.getcwd()
+    os.chdir(cwd or README.parent)
     try:
         exec(compile(code, f"README.md:{line}", "exec"), namespace)
     finally:
-        os.chdir(cwd)
+        os.chdir(old)
     return namespace
 
 
@@ -67,8 +68,8 @@ def test_the_readme_has_python_blocks():
 
 
 @pytest.mark.parametrize("line, code", BLOCKS, ids=[f"README.md:{line}" for line, _ in BLOCKS])
-def test_readme_python_block_runs(line, code):
-    _run(code, line)
+def test_readme_python_block_runs(line, code, tmp_path):
+    _run(code, line, cwd=tmp_path)
 
 
 def test_metrics_block_returns_what_the_text_says():

@@ -83,6 +83,7 @@ def test_resubmission_under_the_same_name_reuses_and_announces(submitted, capsys
 def test_a_scored_submission_prints_its_verdicts_against_the_reference_a_and_g(env, fmnist_small, tmp_path, capsys):
     """After scoring, the CLI says where the row went and the paired verdicts vs the image set's
     reference A and G (PROTOCOL §7)."""
+    from salbench.benchmark import score_report
     from salbench.benchmark.cli import _print_verdicts
 
     cfg = replace(FAST, accuracy=False)
@@ -93,9 +94,10 @@ def test_a_scored_submission_prints_its_verdicts_against_the_reference_a_and_g(e
                              imageset=env["imageset"], test_split=env["test"])
     cmp = pd.read_csv(env["lb"] / "fmnist_comparisons.csv")
     assert set(cmp.loc[cmp["model"] == card["id"], "reference"]) == {env["refs"]["A"], env["refs"]["G"]}
+    score_report.report("fmnist", card, reused=False)
     _print_verdicts("fmnist", card["id"])
     out = capsys.readouterr().out
-    assert "verdicts vs the reference models" in out and "leaderboards/fmnist.csv" in out
+    assert "verdicts vs the reference models" in out and f"{(env['lb'] / 'fmnist.csv').resolve()}: 2 row(s)" in out
     assert "rank among the 4 VG rows (1 = best): gini " in out  # N, A, G and the submission
     for ref in (env["refs"]["A"], env["refs"]["G"]):
         assert f"vs {ref}" in out

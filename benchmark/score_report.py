@@ -1,0 +1,73 @@
+"""What ``salbench score`` says after a submission landed: where its rows are, its rank per metric
+among the board's rows, whether a stored result was re-used, and the regenerated figures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import pandas as pd
+
+from salbench.benchmark.results import leaderboards_dir
+
+# board metrics ranked for a submission, and whether higher is better (PROTOCOL §3)
+RANKED = (("gini", True), ("ssim_mean", True), ("log10_ros", False), ("aopc", True))
+
+
+def ranks(board: pd.DataFrame, model_id: str) -> dict[str, dict[str, tuple[int, int]]]:
+    """``{method: {metric: (rank, rows)}}`` of ``model_id`` among the board's rows of each method
+    (1 = best; a NaN value ranks last).
+
+    >>> df = pd.DataFrame({"id": ["a", "b", "c"], "method": ["VG"] * 3, "gini": [0.5, 0.7, 0.6],
+    ...                    "ssim_mean": [0.9, 0.8, 0.7], "log10_ros": [3.0, 2.0, float("nan")], "aopc": [0.1, 0.2, 0.3]})
+    >>> ranks(df, "c")["VG"]
+    {'gini': (2, 3), 'ssim_mean': (3, 3), 'log10_ros': (3, 3), 'aopc': (1, 3)}
+    """
+    out: dict[str, dict[str, tuple[int, int]]] = {}
+    for method, rows in board.groupby("method", sort=False):
+        if model_id not in set(rows["id"]):
+            continue
+        out[method] = {}
+        for metric, higher in RANKED:
+            if metric not in rows.columns:
+                continue
+            order = rows.sort_values(metric, ascending=not higher, na_position="last", kind="stable")["id"].tolist()
+            out[method][metric] = (order.index(model_id) + 1, len(order))
+    return out
+
+
+def report(dataset: str, card: dict, *, reused: bool, lb_dir: Path | None = None,
+           say: Callable[[str], None] = print) -> None:
+    """Where the submission's rows went (the board's path and the row id), its ranks per metric,
+    and whether its result was re-used."""
+    lb = Path(lb_dir or leaderboards_dir())
+    path = lb / f"{dataset}.csv"
+    board = pd.read_csv(path)
+    mine = board[board["id"] == card["id"]]
+    say(f"board: {path.resolve()}: {len(mine)} row(s) with id {card['id']} "
+        f"(name {card.get('name', '')!r}; methods {', '.join(mine['method'].astype(str)) or 'none'})")
+    for method, per in ranks(board, card["id"]).items():
+        n = next(iter(per.values()))[1] if per else 0
+        say(f"  rank among the {n} {method} rows (1 = best): "
+            + ", ".join(f"{metric} {r}/{k}" for metric, (r, k) in per.items()))
+    say("result: " + ("a stored result of the same weights and settings was re-used (nothing was scored again)"
+                      if reused else "scored now and stored"))
+
+
+def regenerate_figures(dataset: str, *, lb_dir: Path | None = None, say: Callable[[str], None] = print) -> list[Path]:
+    """Redraw the dataset's SSIM and ROAD figures from its board files (a submission gets a colour
+    no zoo variant uses, dashed: ``figures._style``); a failure is said, not raised (the
+    submission has landed either way)."""
+    from salbench.benchmark import figures
+
+    lb = Path(lb_dir or leaderboards_dir())
+    out = []
+    for fn in (figures.ssim_figure, figures.road_figure):
+        try:
+            out.append(fn(dataset, out_dir=lb / "figures", lb_dir=lb))
+        except Exception as e:  # a figure is secondary to the stored submission
+            say(f"warning: {fn.__name__} for {dataset} failed ({type(e).__name__}: {e}); run `salbench figures "
+                f"--dataset {dataset}`")
+    if out:
+        say("figures: " + ", ".join(str(p) for p in out))
+    return out
