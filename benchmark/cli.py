@@ -244,6 +244,17 @@ def cmd_score(args) -> int:
     from salbench.benchmark.harness import submit
     from salbench.benchmark.submit import SubmissionError
 
+    from salbench.benchmark import score_report
+
+    said: list[str] = []
+
+    def notify(msg: str) -> None:
+        said.append(msg)
+        print(msg, flush=True)
+
+    if (args.mean is None) != (args.std is None):
+        print("salbench: rejected: --mean and --std go together (one value per input channel each)", file=sys.stderr)
+        return EXIT_BAD_INPUT
     try:
         # whether a stored result is re-used (and when it was scored) or why it is scored: always said
         card, res = submit(args.file, arch=args.arch, dataset=args.dataset, name=args.name, notes=args.notes,
@@ -262,18 +273,11 @@ def cmd_score(args) -> int:
     for m, s in res["summary"].items():
         print(f"  {m}: Gini {s['gini']:.4f}  SSIM {s['ssim_mean']:.4f}  log10 ROS {s['log10_ros']:.3f} "
               f"(NaN {s['ros_nan_fraction']:.3f})  AOPC {s['aopc']:.4f}")
-    from salbench.benchmark import score_report
-
-    said: list[str] = []
-
-    def notify(msg: str) -> None:
-        said.append(msg)
-        print(msg, flush=True)
-
-    if (args.mean is None) != (args.std is None):
-        print("salbench: rejected: --mean and --std go together (one value per input channel each)", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    if card.get("key_map"):
+        print(f"  (keys renamed by the {card['key_map']!r} key map; model_zoo/keymaps.py)")
+    score_report.report(args.dataset, card, reused=not any(m.startswith("scoring ") for m in said))
     _print_verdicts(args.dataset, card["id"])
+    score_report.regenerate_figures(args.dataset)
     return EXIT_OK
 
 
@@ -289,11 +293,7 @@ def _print_verdicts(dataset: str, model_id: str) -> None:
     df = pd.read_csv(path)
     df = df[(df["model"] == model_id) & df["metric"].isin(["gini", "ssim_mean", "log10_ros", "aopc"])]
     if df.empty:
-    if card.get("key_map"):
-        print(f"  (keys renamed by the {card['key_map']!r} key map; model_zoo/keymaps.py)")
-    score_report.report(args.dataset, card, reused=not any(m.startswith("scoring ") for m in said))
         print(f"  (no reference A/G results on the {dataset} board to compare with)")
-    score_report.regenerate_figures(args.dataset)
         return
     print(f"verdicts vs the reference models (paired over the set, 95% CI of the difference; {path.name}):")
     for _, r in df.iterrows():
@@ -372,6 +372,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--name", required=True, help="leaderboard name of the submission")
     s.add_argument("--notes", default="", help="free text stored on the card")
     s.add_argument("--smoothing", default=None, help="SmoothBlock of the model, FILTER[:PLACEMENT], e.g. gaussian:1")
+    s.add_argument("--state-key", default=None, metavar="KEY",
+                   help="the entry of a checkpoint dict holding the state dict, e.g. model for {'model': sd, 'epoch': 1}")
+    s.add_argument("--key-map", default="auto", metavar="NAME",
+                   help="rename the file's keys: auto (a known map when only it makes the keys fit, e.g. torchvision "
+                        "ResNet-18 names), none, or a map name (torchvision); see model_zoo/keymaps.py")
+    s.add_argument("--mean", type=float, nargs="+", default=None, metavar="M",
+                   help="per-channel mean the model was trained with, [0, 1] pixel space (default: the dataset's); "
+                        "stored on the card; with --std")
+    s.add_argument("--std", type=float, nargs="+", default=None, metavar="S",
+                   help="per-channel std the model was trained with (default: the dataset's); with --mean")
+    s.add_argument("--claimed-accuracy", type=float, default=None, metavar="ACC",
+                   help="natural test accuracy the model is known to reach (fraction or percent), on the card; "
+                        "refused if the measured one is more than 5 points lower (e.g. a wrong normalisation)")
     _scoring_args(s)
     s.set_defaults(func=cmd_score)
 
@@ -388,19 +401,6 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="the main job: leaderboard + figures for a dataset, printing the table")
     r.add_argument("--dataset", default="fmnist", choices=DATASETS)
     _scoring_args(r)
-    s.add_argument("--state-key", default=None, metavar="KEY",
-                   help="the entry of a checkpoint dict holding the state dict, e.g. model for {'model': sd, 'epoch': 1}")
-    s.add_argument("--key-map", default="auto", metavar="NAME",
-                   help="rename the file's keys: auto (a known map when only it makes the keys fit, e.g. torchvision "
-                        "ResNet-18 names), none, or a map name (torchvision); see model_zoo/keymaps.py")
-    s.add_argument("--mean", type=float, nargs="+", default=None, metavar="M",
-                   help="per-channel mean the model was trained with, [0, 1] pixel space (default: the dataset's); "
-                        "stored on the card; with --std")
-    s.add_argument("--std", type=float, nargs="+", default=None, metavar="S",
-                   help="per-channel std the model was trained with (default: the dataset's); with --mean")
-    s.add_argument("--claimed-accuracy", type=float, default=None, metavar="ACC",
-                   help="natural test accuracy the model is known to reach (fraction or percent), on the card; "
-                        "refused if the measured one is more than 5 points lower (e.g. a wrong normalisation)")
     _only_arg(r)
     r.set_defaults(func=cmd_run)
 
