@@ -122,6 +122,56 @@ def road_figure(dataset: str, out_dir: Path | None = None, lb_dir: Path | None =
                            "pixels are replaced by noisy linear imputation (PROTOCOL §3); AOPC in the legend.")
 
 
+def metric_panels(board: pd.DataFrame) -> list:
+    """The panels of :func:`metrics_figure`: the registry's headline aggregates the board has columns for."""
+    from salbench.benchmark.metric_registry import headline_aggregates
+
+    return [a for _, a in headline_aggregates() if a.name in board.columns]
+
+
+def metrics_figure(dataset: str, out_dir: Path | None = None, lb_dir: Path | None = None) -> Path:
+    """One panel per headline aggregate of the metric registry (``metric_registry.headline_aggregates``:
+    Gini, SSIM mean, log10 ROS, AOPC and any registered metric), one bar per model and method with its
+    95% bootstrap interval, read from ``<dataset>.csv``."""
+    df = pd.read_csv((lb_dir or leaderboards_dir()) / f"{dataset}.csv")
+    aggs = metric_panels(df)
+    methods = list(dict.fromkeys(df["method"]))
+    ids = list(dict.fromkeys(df["id"]))
+    style = _style(list(zip(df["id"], df["variant"])))
+    fig, axes = plt.subplots(1, len(aggs), figsize=(max(3.2 * len(aggs), 6), 4.2 + 0.12 * len(ids)), squeeze=False)
+    width = 0.8 / max(len(methods), 1)
+    hatches = ("", "//", "..", "xx")
+    for ax, agg in zip(axes[0], aggs):
+        for j, method in enumerate(methods):
+            sub = df[df["method"] == method].set_index("id").reindex(ids)
+            y = sub[agg.name].to_numpy(dtype=float)
+            pos = [i + (j - (len(methods) - 1) / 2) * width for i in range(len(ids))]
+            colors = [style[mid]["color"] for mid in ids]
+            ax.barh(pos, y, height=width, color=colors, alpha=0.75, hatch=hatches[j % len(hatches)], edgecolor="k",
+                    linewidth=0.3, label=method)
+            if f"{agg.name}_lo" in sub.columns:
+                lo, hi = sub[f"{agg.name}_lo"].to_numpy(dtype=float), sub[f"{agg.name}_hi"].to_numpy(dtype=float)
+                ax.errorbar(y, pos, xerr=[y - lo, hi - y], fmt="none", ecolor="k", capsize=2, lw=0.8)
+        better = "higher" if agg.direction > 0 else "lower"
+        ax.set_title(f"{agg.name} ({better} is better)", fontsize=9)
+        ax.set_yticks(range(len(ids)))
+        ax.set_yticklabels(ids if ax is axes[0][0] else [], fontsize=6.5)
+        ax.invert_yaxis()
+        ax.grid(axis="x", alpha=0.3)
+        lo_all = df[[c for c in (f"{agg.name}_lo", agg.name) if c in df.columns]].min().min()
+        hi_all = df[[c for c in (f"{agg.name}_hi", agg.name) if c in df.columns]].max().max()
+        pad = 0.08 * (hi_all - lo_all) if hi_all > lo_all else 0.01
+        ax.set_xlim(lo_all - pad, hi_all + pad)
+    handles = [plt.Rectangle((0, 0), 1, 1, facecolor="white", edgecolor="k", hatch=hatches[j % len(hatches)])
+               for j in range(len(methods))]
+    fig.legend(handles, methods, fontsize=7, title="method", title_fontsize=7, loc="upper right")
+    fig.suptitle(f"{dataset}: headline metrics per model (bars: 95% bootstrap CI over images)", fontsize=10)
+    fig.text(0.01, 0.005, "One panel per registered metric (benchmark.metric_registry); colours as in the SSIM and "
+                          "ROAD figures; x axes zoomed to the models' range.", fontsize=7, ha="left", va="bottom")
+    fig.tight_layout(rect=(0, 0.04, 1, 0.95))
+    return _save(fig, (out_dir or fig_dir()) / f"{dataset}_metrics.png")
+
+
 def grid_images(imageset, n_images: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     """The images every saliency figure shows: ``n_images`` evenly spaced over the fixed set,
     as ``(x float [0, 1] (n, C, H, W), y (n,))``."""

@@ -409,6 +409,15 @@ def describe() -> list[tuple[str, str, list[tuple[str, int | None]]]]:
     return out
 
 
+def headline_aggregates() -> list[tuple[MetricSpec, Aggregate]]:
+    """Every registered metric's headline aggregates, in registry order: those with a direction that
+    are not one level of a curve or of a σ sweep (the protocol's: gini, ssim_mean, log10_ros, aopc).
+    The figures draw one panel per entry."""
+    probe = {"sigmas": ["0"], "levels": ["0"], "road": np.zeros((0, 1))}
+    return [(m, a) for m in METRICS.values() for a in m.aggregates(probe)
+            if a.direction is not None and not a.curve and "@" not in a.name]
+
+
 def stack_batches(parts: Sequence[dict[str, torch.Tensor]], spec: MetricSpec) -> dict[str, torch.Tensor]:
     """Concatenate one metric's per-batch values (in image order) along each field's image axis."""
     return {f: torch.cat([p[f] for p in parts], dim=spec.image_axis.get(f, 0)) for f in parts[0]}

@@ -156,3 +156,16 @@ def test_score_returns_a_result_whose_json_form_validates(env):
                                        "ros_nan_fraction", "road_curve", "aopc"]
     assert {"forward", "VG/attribution", "VG/gini", "VG/ssim", "VG/ros", "VG/road"} <= set(res.timings)
     copy.deepcopy(res)  # plain data: picklable/copyable for torch.distributed gathering
+
+
+def test_figure_panels_come_from_the_registry(map_entropy, tmp_path):
+    from salbench.benchmark.figures import metric_panels, metrics_figure
+
+    board = pd.read_csv(DEFAULT_LEADERBOARDS_DIR / "fmnist.csv")
+    assert [a.name for a in metric_panels(board)] == ["gini", "ssim_mean", "log10_ros", "aopc"]
+    board["map_entropy"] = np.linspace(1, 2, len(board))
+    board["map_entropy_lo"], board["map_entropy_hi"] = board["map_entropy"] - 0.1, board["map_entropy"] + 0.1
+    assert [a.name for a in metric_panels(board)][-1] == "map_entropy"
+    board.to_csv(tmp_path / "toy.csv", index=False)
+    png = metrics_figure("toy", out_dir=tmp_path, lb_dir=tmp_path)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
