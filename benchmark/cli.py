@@ -206,12 +206,12 @@ def cmd_leaderboard(args) -> int:
 
 
 def cmd_figures(args) -> int:
-    from salbench.benchmark.figures import road_figure, saliency_grid, ssim_figure
+    from salbench.benchmark.figures import BOARD_FIGURES, saliency_grid
     from salbench.benchmark.harness import zoo_cards
     from salbench.benchmark.imagesets import load_imageset
     from salbench.model_zoo import zoo
 
-    paths = [ssim_figure(args.dataset), road_figure(args.dataset)]
+    paths = [fn(args.dataset) for fn in BOARD_FIGURES]
     by_variant = {c["variant"]: c["id"] for c in zoo_cards(args.dataset)}
     models = {v: zoo.load(by_variant[v]) for v in ("N", "A", "G") if v in by_variant}
     if models:

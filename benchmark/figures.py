@@ -172,6 +172,10 @@ def metrics_figure(dataset: str, out_dir: Path | None = None, lb_dir: Path | Non
     return _save(fig, (out_dir or fig_dir()) / f"{dataset}_metrics.png")
 
 
+# the figures drawn from the board files alone (redrawn by `salbench figures` and after a submission)
+BOARD_FIGURES = (metrics_figure, ssim_figure, road_figure)
+
+
 def grid_images(imageset, n_images: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     """The images every saliency figure shows: ``n_images`` evenly spaced over the fixed set,
     as ``(x float [0, 1] (n, C, H, W), y (n,))``."""

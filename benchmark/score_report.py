@@ -55,14 +55,14 @@ def report(dataset: str, card: dict, *, reused: bool, lb_dir: Path | None = None
 
 
 def regenerate_figures(dataset: str, *, lb_dir: Path | None = None, say: Callable[[str], None] = print) -> list[Path]:
-    """Redraw the dataset's SSIM and ROAD figures from its board files (a submission gets a colour
+    """Redraw the dataset's board figures (headline metrics, SSIM, ROAD) from its board files (a submission gets a colour
     no zoo variant uses, dashed: ``figures._style``); a failure is said, not raised (the
     submission has landed either way)."""
     from salbench.benchmark import figures
 
     lb = Path(lb_dir or leaderboards_dir())
     out = []
-    for fn in (figures.ssim_figure, figures.road_figure):
+    for fn in figures.BOARD_FIGURES:
         try:
             out.append(fn(dataset, out_dir=lb / "figures", lb_dir=lb))
         except Exception as e:  # a figure is secondary to the stored submission

@@ -107,7 +107,7 @@ def anchor(model_id: str) -> str:
     return safe
 
 
-FIGURE_ORDER = ("ssim", "road", "saliency_grid")
+FIGURE_ORDER = ("metrics", "ssim", "road", "saliency_grid")
 
 
 def dataset_names(lb_dir: Path) -> list[str]:
@@ -281,6 +281,8 @@ COMPARISON_COLUMNS = [
 ]
 
 FIGURE_ALT = {
+    "metrics": "{ds}: one panel per headline metric (Gini, SSIM mean, log10 ROS, AOPC and any registered metric), "
+               "one bar per model and method with its 95% bootstrap interval",
     "ssim": "{ds}: mean SSIM of each model's saliency maps against the input-noise level sigma, one panel per "
             "method (VG, IG), with 95% bootstrap error bars; lower panels: the fraction of images kept",
     "road": "{ds}: ROAD curves, accuracy on the fixed set against the percentage of most relevant pixels removed, "
