@@ -10,12 +10,15 @@ SHARED_CIFAR := $(abspath $(CURDIR)/../shared/data/cifar10)
 export SALBENCH_CIFAR10_DIR ?= $(if $(wildcard $(SHARED_CIFAR)/test_batch.bin),$(SHARED_CIFAR),)
 PYTEST := $(BIN)/python -m pytest
 
-.PHONY: setup data browser run test test-slow bench clean help
+.PHONY: setup data browser run test test-slow bench clean help setup-tda tda test-tda
 help:
 	@echo "make run        score the FMNIST (and CIFAR-10) zoo, write leaderboards/ and figures (main job)"
 	@echo "make test       default test suite (< 15 min on 2 cores)"
 	@echo "make test-slow  slow end-to-end tests (training, full scoring)"
 	@echo "make bench      pytest-benchmark speed suite (ratios vs quantus/skimage/scipy)"
+	@echo "make setup-tda  optional training-data attribution extra (quanda) in .venv-tda"
+	@echo "make tda        the TDA track: leaderboards/fmnist_tda.csv + figure (after setup-tda)"
+	@echo "make test-tda   the TDA track's tests, in .venv-tda"
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -63,5 +66,40 @@ test-slow: setup
 bench: setup
 	$(PYTEST) benchmarks -o addopts="" -p no:cacheprovider --benchmark-only --benchmark-columns=mean,stddev,rounds -s
 
+# Optional training-data attribution track (quanda; docs/tda.md). quanda 0.5.0 pins captum<0.9, the core uses
+# captum 0.9, so the extra 'tda' of pyproject.toml goes into its own venv. A .pth file there adds .venv's
+# site-packages *after* its own: torch and the editable salbench come from .venv (not installed twice),
+# while .venv-tda's captum 0.8 (and numpy 1.26 that captum 0.8 pins) win inside .venv-tda only.
+TDA_VENV  := .venv-tda
+TDA_BIN   := $(TDA_VENV)/bin
+TDA_STAMP := $(TDA_VENV)/.salbench-tda-installed
+$(TDA_STAMP): $(STAMP) pyproject.toml
+	@test -x $(TDA_BIN)/python || $(BIN)/python -m venv $(TDA_VENV)
+	@$(BIN)/python -c "import sysconfig; print('import site; site.addsitedir(%r)' % sysconfig.get_paths()['purelib'])" \
+	  > "$$($(TDA_BIN)/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/salbench-core-venv.pth"
+	@$(BIN)/python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['tda']))" \
+	  > $(TDA_VENV)/tda-requirements.txt
+	$(TDA_BIN)/python -m pip install -q -r $(TDA_VENV)/tda-requirements.txt
+	@printf '#!/bin/sh\nexec "$$(dirname "$$0")/python" -m salbench.benchmark.cli "$$@"\n' > $(TDA_BIN)/salbench
+	@chmod +x $(TDA_BIN)/salbench
+	@$(TDA_BIN)/python -c "import captum, quanda, torch, salbench.benchmark.tda; print('tda extra: quanda ok, captum', captum.__version__, '(.venv-tda), torch', torch.__version__, '(.venv)')"
+	@touch $(TDA_STAMP)
+
+setup-tda: setup $(TDA_STAMP)
+
+tda: setup-tda
+	$(TDA_BIN)/salbench --threads 1 tda --dataset fmnist
+
+# skipped (pytest reports why) only when quanda cannot be fetched from the package index; any other install error fails
+test-tda: setup
+	@if $(MAKE) --no-print-directory setup-tda; then \
+	  $(TDA_BIN)/python -m pytest tests_tda -p no:cacheprovider; \
+	elif $(BIN)/python -m pip download -q --no-deps --no-cache-dir -d $(TDA_VENV)-probe quanda==0.5.0 >/dev/null 2>&1; then \
+	  rm -rf $(TDA_VENV)-probe; echo "make test-tda: installing the 'tda' extra failed although quanda is on the index (see above)"; exit 1; \
+	else \
+	  SALBENCH_TDA_SKIP="the 'tda' extra could not be installed: quanda==0.5.0 is not downloadable from the package index" \
+	    $(PYTEST) tests_tda -p no:cacheprovider; \
+	fi
+
 clean:
-	rm -rf $(VENV) .pytest_cache .benchmarks
+	rm -rf $(VENV) $(TDA_VENV) .pytest_cache .benchmarks

@@ -240,6 +240,22 @@ def cmd_run(args) -> int:
     return rc or (cmd_figures(args) if _is_main() else EXIT_OK)
 
 
+def cmd_tda(args) -> int:
+    """The optional training-data attribution track (quanda; benchmark/tda.py, imported here only)."""
+    from salbench.benchmark import tda
+
+    tda.require_quanda()  # TDAUnavailableError (a ValueError): one line naming `make setup-tda`
+    if args.threads is None:
+        import torch
+
+        torch.set_num_threads(1)  # its small matrix ops run ~12x faster on 1 thread than on 2 busy cores (docs/tda.md)
+    config = tda.TDAConfig(dataset=args.dataset, train_per_class=args.train_per_class, n_test=args.n_test,
+                           explainers=tuple(args.explainer or tda.EXPLAINERS))
+    out = tda.run_track(config, only=args.only, rescore=args.rescore)
+    print(tda.format_board(out["rows"]))
+    return EXIT_OK
+
+
 def cmd_score(args) -> int:
     from salbench.benchmark.harness import submit
     from salbench.benchmark.submit import SubmissionError
@@ -403,6 +419,23 @@ def build_parser() -> argparse.ArgumentParser:
     _scoring_args(r)
     _only_arg(r)
     r.set_defaults(func=cmd_run)
+
+    td = sub.add_parser("tda", help="optional: training-data attribution track with quanda (make setup-tda first)",
+                        description="Evaluate quanda's training-data attribution explainers (captum similarity, "
+                                    "representer points) on the dataset's N/A/G zoo models with class detection, "
+                                    "top-1 cardinality and model randomization; write leaderboards/<dataset>_tda.csv, "
+                                    "its comparisons, the results and figures/<dataset>_tda_top.png. Needs the 'tda' "
+                                    "extra: `make setup-tda`, then `.venv-tda/bin/salbench tda`.")
+    td.add_argument("--dataset", default="fmnist", choices=("fmnist",))
+    td.add_argument("--train-per-class", type=_POSITIVE, default=500, metavar="K",
+                    help="training images per class in the fixed subset (default: %(default)s)")
+    td.add_argument("--n-test", type=_int_at_least(2), default=1000, metavar="N",
+                    help="first N images of the committed image set (default: %(default)s)")
+    td.add_argument("--explainer", action="append", choices=("similarity", "representer"),
+                    help="evaluate only this explainer (repeatable; default: both)")
+    td.add_argument("--only", default=None, metavar="ID", help="one zoo model (the board keeps the others' stored results)")
+    td.add_argument("--rescore", action="store_true", help="recompute even where a stored result matches")
+    td.set_defaults(func=cmd_tda)
 
     w = sub.add_parser("site", help="the static leaderboard site: leaderboards/site/ (open index.html)",
                        description=cmd_site.__doc__)
