@@ -122,7 +122,7 @@ def train_subset_indices(labels, per_class: int, seed: int = SUBSET_SEED) -> np.
     replacement by one ``numpy.random.default_rng(seed)`` in class order; returned sorted.
 
     >>> train_subset_indices([0, 1, 0, 1, 0, 1], 2).tolist()
-    [0, 1, 2, 5]
+    [1, 2, 4, 5]
     """
     labels = np.asarray(labels)
     if labels.ndim != 1 or len(labels) == 0:
