@@ -115,7 +115,7 @@ def _load_and_check(path, *, arch, dataset, smoothing=None, probe=None, normaliz
         with torch.no_grad():
             out = model(x)
             one = model(x[:1])
-    except (RuntimeError, ValueError, TypeError, IndexError) as e:
+    except (RuntimeError, ValueError, TypeError, IndexError, KeyError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise SubmissionError(f"{path.name}: the model fails on a batch of {tuple(x.shape)} images ({first[:200]})") from None
     if not torch.is_tensor(out) or out.ndim != 2 or out.shape != (len(x), NUM_CLASSES[dataset]):

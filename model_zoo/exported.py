@@ -51,7 +51,8 @@ MAX_JSON_BYTES = 256 << 20
 MAX_NODES = 200_000
 
 # ATen operator packets a program may call (every overload of each). Pure tensor computations:
-# no randomness (dropout only with train=False), no I/O, no global state.
+# no randomness (dropout only with train=False), no I/O, no global state, no uninitialised memory
+# (empty*). Not bounded: the memory a program allocates (a huge `zeros` fails or is killed).
 ALLOWED_OPS: frozenset[str] = frozenset("""
     conv1d conv2d conv3d convolution _convolution conv_transpose1d conv_transpose2d conv_transpose3d
     linear matmul mm bmm addmm addmv baddbmm addbmm einsum t dot mv outer
@@ -79,8 +80,8 @@ ALLOWED_OPS: frozenset[str] = frozenset("""
     upsample_linear1d upsample_trilinear3d _upsample_nearest_exact2d _upsample_bilinear2d_aa grid_sampler
     grid_sampler_2d affine_grid_generator index_select gather index masked_fill masked_fill_ masked_select
     take_along_dim scatter scatter_add embedding one_hot topk sort argsort alias detach lift_fresh_copy
-    to _to_copy type_as zeros ones full arange zeros_like ones_like full_like empty empty_like new_zeros new_ones
-    new_full new_empty scalar_tensor fill fill_ zero_ copy copy_
+    to _to_copy type_as zeros ones full arange zeros_like ones_like full_like new_zeros new_ones new_full
+    scalar_tensor fill fill_ zero_ copy copy_
     scaled_dot_product_attention _scaled_dot_product_flash_attention_for_cpu _safe_softmax
     dropout dropout_ feature_dropout alpha_dropout feature_alpha_dropout native_dropout
     sym_size sym_numel sym_stride sym_storage_offset _assert_tensor_metadata _assert_scalar
@@ -174,11 +175,11 @@ def _fail(where: str, message: str) -> ExportedProgramError:
 
 
 def _int(v: Any, what: str, where: str) -> int:
-    if isinstance(v, dict) and set(v) == {"as_int"}:
-        v = v["as_int"]
-    if not isinstance(v, int) or isinstance(v, bool):
-        raise _fail(where, f"{what} must be an integer, got {str(v)[:80]}")
-    return v
+    """A serialized concrete size (``{"as_int": n}``) as an int; anything else (a symbolic size) is refused."""
+    n = v.get("as_int") if isinstance(v, dict) and set(v) == {"as_int"} else None
+    if not isinstance(n, int) or isinstance(n, bool):
+        raise _fail(where, f"{what} must be a concrete integer, got {str(v)[:80]}")
+    return n
 
 
 def _read_tensor(arc: _Archive, base: str, fqn: str, meta: dict) -> torch.Tensor:
@@ -318,6 +319,17 @@ def _arg_names(arg: dict) -> list[str]:
     return []
 
 
+def _sym_names(arg: dict) -> list[str]:
+    """The size/scalar names an argument refers to."""
+    out = []
+    for k in ("as_sym_int", "as_sym_float", "as_sym_bool"):
+        if k in arg and "as_name" in arg[k]:
+            out.append(arg[k]["as_name"])
+    for k in ("as_sym_ints", "as_sym_floats", "as_sym_bools"):
+        out += [s["as_name"] for s in arg.get(k, []) if "as_name" in s]
+    return out
+
+
 def _out_names(out: dict) -> list[str]:
     if "as_tensor" in out:
         return [out["as_tensor"]["name"]]
@@ -349,9 +361,7 @@ def _check_graph(graph: dict, state: set[str], user_input: str, where: str) -> l
                                                    for a in inputs):
             raise _fail(where, f"{label} has malformed inputs")
         for a in inputs:
-            for name in _arg_names(a["arg"]) + [a["arg"][k]["as_name"] for k in ("as_sym_int", "as_sym_float",
-                                                                                  "as_sym_bool")
-                                                 if k in a["arg"] and "as_name" in a["arg"][k]]:
+            for name in _arg_names(a["arg"]) + _sym_names(a["arg"]):
                 if name not in defined:
                     raise _fail(where, f"{label} ({target}) reads {name!r} before it is defined")
         if op is not None:
@@ -544,6 +554,17 @@ def load_exported(path: str | Path, *, max_bytes: int | None = None) -> Exported
         True
     """
     path = Path(path)
+    try:
+        return _load(path, max_bytes)
+    except ExportedProgramError:
+        raise
+    except (KeyError, TypeError, AttributeError, IndexError, ValueError, RecursionError) as e:
+        # a file that is not what torch.export.save writes, in some way the checks above did not name
+        raise ExportedProgramError(f"{path.name} is not a well-formed exported program ({type(e).__name__}: "
+                                   f"{str(e)[:120]})") from None
+
+
+def _load(path: Path, max_bytes: int | None) -> ExportedModule:
     if not path.exists():
         raise ExportedProgramError(f"program {path} does not exist")
     if not path.is_file():

@@ -230,3 +230,28 @@ def test_damaged_files_are_refused_with_a_reason(lenet_pt2, tmp_path):
         load_exported(tmp_path / "dir.pt2")
     with pytest.raises(ExportedProgramError, match="does not exist"):
         load_exported(tmp_path / "none.pt2")
+
+
+def _set(path: list, value):
+    def edit(doc):
+        node = doc
+        for k in path[:-1]:
+            node = node[k]
+        node[path[-1]] = value
+    return edit
+
+
+@pytest.mark.parametrize("path, value", [
+    (["graph_module", "graph", "nodes"], {"not": "a list"}),
+    (["graph_module", "graph", "nodes", 0, "inputs"], "text"),
+    (["graph_module", "graph", "nodes", 0, "inputs", 0, "arg"], {"as_tensor": {"name": 7}}),
+    (["graph_module", "graph", "nodes", 0, "outputs"], [{"as_tensor": "x"}]),
+    (["graph_module", "signature", "input_specs"], [1, 2]),
+    (["graph_module", "signature"], None),
+    (["graph_module", "graph", "tensor_values", "x", "sizes"], [{"as_expr": {}}, 1, 2, 3]),
+    (["schema_version"], "8"),
+])
+def test_malformed_graph_documents_are_refused_not_crashed_on(lenet_pt2, tmp_path, path, value):
+    _, src = lenet_pt2
+    with pytest.raises(ExportedProgramError):
+        load_exported(rewrite(src, tmp_path / "bad.pt2", graph=_set(path, value)))
