@@ -14,6 +14,7 @@ from scipy.sparse.linalg import spsolve
 from torch import nn
 
 from salbench.metrics import noisy_linear_imputation, road_aopc, road_curve
+from salbench.metrics import _imputation_solver
 from salbench.metrics.protocol import ROAD_PERCENTAGES
 
 # ----------------------------------------------------------------- independent scipy reference
@@ -108,14 +109,42 @@ def test_imputation_matches_scipy_per_channel_on_rgb(fraction):
 
 @pytest.mark.parametrize(
     "fraction, clustered",
-    [(0.01, False), (0.96, False), (0.96, True)],
-    ids=["1%-scattered", "96%-scattered", "96%-clustered"],
+    [(0.01, False), (0.96, False), (0.6, True), (0.96, True)],
+    ids=["1%-scattered", "96%-scattered", "60%-clustered", "96%-clustered"],
 )
 def test_imputation_matches_scipy_on_224_rgb(fraction, clustered):
     g = torch.Generator().manual_seed(5)
     x = torch.rand(1, 3, 224, 224, generator=g)  # float32, as a real image batch
     scores = _smooth_field((1, 224, 224), 2) if clustered else torch.rand(1, 224, 224, generator=g)
-    _assert_matches_reference(x, _top_k_mask(scores, fraction))
+    mask = _top_k_mask(scores, fraction)
+    # clustered masks hold large holes: these cases run the multigrid-preconditioned solver
+    assert bool(_imputation_solver._has_deep_hole(mask, _imputation_solver._MG_MIN_DEPTH)) == clustered
+    _assert_matches_reference(x, mask)
+
+
+def test_multigrid_restriction_is_the_transpose_of_the_interpolation():
+    # the V-cycle is a symmetric preconditioner (CG needs one) only if R = P^T
+    g = torch.Generator().manual_seed(0)
+    u = torch.randn(2, 7, 5, generator=g, dtype=torch.float64)
+    v = torch.randn(2, 14, 10, generator=g, dtype=torch.float64)
+    lhs = (_imputation_solver._prolong(u) * v).sum()
+    rhs = (u * _imputation_solver._restrict(v)).sum()
+    assert float(abs(lhs - rhs)) < 1e-12
+    # constants are interpolated exactly (replicate border), and R sums to 4 per coarse cell
+    assert torch.equal(_imputation_solver._prolong(torch.ones(1, 3, 4)), torch.ones(1, 6, 8))
+    torch.testing.assert_close(_imputation_solver._restrict(torch.ones(1, 6, 8)), torch.full((1, 3, 4), 4.0))
+
+
+def test_multigrid_and_plain_cg_give_the_same_fill(monkeypatch):
+    # the solver choice is a speed decision only: both reach the same residual bound
+    x = torch.rand(2, 3, 96, 96, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    mask = _top_k_mask(_smooth_field((2, 96, 96), 4), 0.8)
+    monkeypatch.setattr(_imputation_solver, "_MG_MIN_SIDE", 64)
+    assert _imputation_solver._has_deep_hole(mask, _imputation_solver._MG_MIN_DEPTH).all()
+    with_mg = noisy_linear_imputation(x, mask, noise=0.0)
+    monkeypatch.setattr(_imputation_solver, "_MG_MIN_SIDE", 10**6)  # plain CG everywhere
+    plain = noisy_linear_imputation(x, mask, noise=0.0)
+    torch.testing.assert_close(with_mg, plain, atol=1e-6, rtol=0)  # both: residual <= 1e-9
 
 
 def test_imputation_matches_quantus_function_on_one_channel(fmnist_test, vg_maps):
