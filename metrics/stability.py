@@ -17,11 +17,13 @@ from torch import Tensor, nn
 from salbench.metrics._validation import (
     EvalMode,
     check_finite,
+    check_floating,
     check_images,
     check_logits,
     check_maps,
     check_maps_match_images,
     check_model,
+    check_nonempty,
     check_pixel_range,
     check_rank,
     check_targets,
@@ -56,21 +58,23 @@ def ssim(a: Tensor, b: Tensor, data_range: float = SSIM_DATA_RANGE, win_size: in
     Equals ``skimage.metrics.structural_similarity(a[i], b[i], data_range=data_range,
     win_size=win_size)`` for every i (uniform window, sample covariances, mean over the valid
     region, i.e. without the border of ``(win_size - 1) // 2`` pixels, so padding never
-    matters). Computed in float64 on the inputs' device, returned in their dtype.
+    matters). Computed in float64 on the inputs' device, returned in their dtype. ``b`` may be a
+    stack of S batches, each compared with ``a`` (one noisy copy per σ): ``a``'s window sums are
+    then computed once for all S.
 
     Args:
         a: maps (B, H, W).
-        b: maps (B, H, W), same shape as ``a``.
+        b: maps (B, H, W) like ``a``, or a stack (S, B, H, W) of such batches.
         data_range: dynamic range of the maps (default: the protocol's, as the authors' code).
         win_size: odd side length of the window, at most ``min(H, W)``.
 
     Returns:
-        SSIM per pair (B,), at most 1.
+        SSIM per pair, at most 1: (B,), or (S, B) for a stacked ``b``.
 
     Raises:
-        ValueError: if ``a`` or ``b`` is not a non-empty, finite, floating (B, H, W) tensor,
-            if their shapes differ, if ``win_size`` is not odd, at least 3 and at most
-            ``min(H, W)``, or if ``data_range`` is not positive.
+        ValueError: if ``a`` is not a non-empty, finite, floating (B, H, W) tensor, ``b`` not
+            one of that shape or a finite (S, B, H, W) stack of them, if ``win_size`` is not
+            odd, at least 3 and at most ``min(H, W)``, or if ``data_range`` is not positive.
 
     Example:
         >>> a = torch.arange(36.).reshape(1, 6, 6) / 35
@@ -78,11 +82,25 @@ def ssim(a: Tensor, b: Tensor, data_range: float = SSIM_DATA_RANGE, win_size: in
         tensor([1.])
         >>> ssim(a, a.flip(-1)).round(decimals=4)  # skimage: 0.94583...
         tensor([0.9458])
+        >>> ssim(a, torch.stack([a, a.flip(-1)])).round(decimals=4)  # (S, B)
+        tensor([[1.0000],
+                [0.9458]])
     """
     check_maps(a, "a")
-    check_maps(b, "b")
-    if a.shape != b.shape:
-        raise ValueError(f"a and b must have the same shape (B, H, W), got {tuple(a.shape)} and {tuple(b.shape)}")
+    stacked = isinstance(b, Tensor) and b.dim() == 4
+    if stacked:
+        check_nonempty(b, "b")
+        check_floating(b, "b")
+        check_finite(b, "b")
+        if b.shape[1:] != a.shape:
+            raise ValueError(
+                f"b must have shape (B, H, W) = {tuple(a.shape)} or (S, B, H, W) = (S, {', '.join(map(str, a.shape))}) "
+                f"to match a, got {tuple(b.shape)}"
+            )
+    else:
+        check_maps(b, "b")
+        if a.shape != b.shape:
+            raise ValueError(f"a and b must have the same shape (B, H, W), got {tuple(a.shape)} and {tuple(b.shape)}")
     if isinstance(win_size, bool) or not isinstance(win_size, int) or win_size < 3 or win_size % 2 == 0:
         raise ValueError(f"win_size must be an odd integer >= 3, got {win_size!r}")
     if win_size > min(a.shape[1:]):
@@ -90,17 +108,21 @@ def ssim(a: Tensor, b: Tensor, data_range: float = SSIM_DATA_RANGE, win_size: in
     if not (isinstance(data_range, (int, float)) and math.isfinite(data_range) and data_range > 0):
         raise ValueError(f"data_range must be a positive finite number, got {data_range!r}")
 
+    bs = b if stacked else b.unsqueeze(0)
+    n_b = bs.shape[0]
     batch, height, width = a.shape
+    planes = 1 + 3 * n_b  # x, then (y, x^2 + y^2, x y) per compared batch
     per_chunk = _SSIM_CHUNK_ELEMENTS.get(a.device.type, _SSIM_CHUNK_ELEMENTS_DEFAULT)
-    chunk = max(1, per_chunk // (5 * height * width))
-    out = torch.empty(batch, dtype=torch.float64, device=a.device)
+    chunk = max(1, per_chunk // (planes * height * width))
+    out = torch.empty(n_b, batch, dtype=torch.float64, device=a.device)
     # one work buffer for all chunks; its tail only ever feeds windows outside the valid region
-    size = min(chunk, batch) * 5 * height * width + (win_size - 1) * (width + 1)
+    size = min(chunk, batch) * planes * height * width + (win_size - 1) * (width + 1)
     buf = torch.empty(size, dtype=torch.float64, device=a.device)
     for start in range(0, batch, chunk):
         sl = slice(start, start + chunk)
-        out[sl] = _ssim_chunk(a[sl], b[sl], data_range, win_size, buf)
-    return out.to(a.dtype)
+        out[:, sl] = _ssim_chunk(a[sl], bs[:, sl], data_range, win_size, buf)
+    out = out.to(a.dtype)
+    return out if stacked else out[0]
 
 
 def _window_sums(flat: Tensor, win: int, step: int, length: int) -> Tensor:
@@ -129,36 +151,42 @@ def _window_sums(flat: Tensor, win: int, step: int, length: int) -> Tensor:
 
 
 def _ssim_chunk(a: Tensor, b: Tensor, data_range: float, win_size: int, buf: Tensor) -> Tensor:
-    """SSIM of (k, H, W) pairs in float64, as skimage computes it (see :func:`ssim`).
+    """SSIM of (k, H, W) maps ``a`` with each of the (S, k, H, W) maps ``b``, in float64, as skimage
+    computes it (see :func:`ssim`); returns (S, k).
 
-    ``buf`` is float64 work space of at least ``k * 5 * H * W + (win_size - 1) * (W + 1)``."""
-    k, height, width = a.shape
+    ``buf`` is float64 work space of at least ``k * (1 + 3 S) * H * W + (win_size - 1) * (W + 1)``."""
+    n_b, k, height, width = b.shape
     n = win_size * win_size
     cov_norm = n / (n - 1)
     # Window sums S instead of means u = S / n: the n^2 factors cancel in the ratio below.
     c1 = (SSIM_K1 * data_range * n) ** 2
     c2 = (SSIM_K2 * data_range * n) ** 2
-    # The 5 planes x, y, xx, yy, xy of all pairs, flattened into one buffer. Window sums along
-    # rows (step 1) and columns (step W) are shifted additions over the whole buffer; windows
-    # that wrap across a row or plane end land outside the valid region and are dropped.
-    size = k * 5 * height * width
+    # The planes x and, per compared batch, y, x^2 + y^2 and xy (the formula needs S(xx) + S(yy)
+    # only), flattened into one buffer. Window sums along rows (step 1) and columns (step W) are
+    # shifted additions over the whole buffer; windows that wrap across a row or plane end land
+    # outside the valid region and are dropped.
+    plane = height * width
+    size = k * plane * (1 + 3 * n_b)
     buf = buf[: size + (win_size - 1) * (width + 1)]
-    planes = buf[:size].view(k, 5, height, width)
-    planes[:, 0].copy_(a)
-    planes[:, 1].copy_(b)
-    torch.mul(planes[:, 0], planes[:, 0], out=planes[:, 2])
-    torch.mul(planes[:, 1], planes[:, 1], out=planes[:, 3])
-    torch.mul(planes[:, 0], planes[:, 1], out=planes[:, 4])
+    x = buf[: k * plane].view(k, height, width)
+    x.copy_(a)
+    rest = buf[k * plane : size].view(n_b, 3, k, height, width)
+    rest[:, 0].copy_(b)
+    torch.mul(rest[:, 0], rest[:, 0], out=rest[:, 1])
+    rest[:, 1].add_(x * x)
+    torch.mul(rest[:, 0], x, out=rest[:, 2])
     rows = _window_sums(buf, win_size, 1, size + (win_size - 1) * width)
-    sums = _window_sums(rows, win_size, width, size).view(k, 5, height, width)
-    sums = sums[:, :, : height - win_size + 1, : width - win_size + 1]  # the valid region
-    sx, sy, sxx, syy, sxy = sums.unbind(dim=1)
-    sxsy = sx * sy
+    sums = _window_sums(rows, win_size, width, size)
+    valid_h, valid_w = height - win_size + 1, width - win_size + 1
+    sx = sums[: k * plane].view(k, height, width)[:, :valid_h, :valid_w]
+    rest = sums[k * plane :].view(n_b, 3, k, height, width)[..., :valid_h, :valid_w]
+    sy, sq2, sxy = rest.unbind(dim=1)  # sq2 = S(xx) + S(yy)
+    sxsy = sy * sx
     sq = torch.addcmul(sx * sx, sy, sy)  # sx^2 + sy^2
     # (2 ux uy + C1)(2 vxy + C2) / ((ux^2 + uy^2 + C1)(vx + vy + C2)), times n^4 / n^4
     num = torch.add(sxsy, c1 / 2).mul_(torch.add(sxsy, sxy, alpha=-n).mul_(-cov_norm).add_(c2 / 2))
-    den = torch.add(sq, c1).mul_(torch.add(sq, sxx + syy, alpha=-n).mul_(-cov_norm).add_(c2))
-    return num.div_(den).mean(dim=(1, 2)).mul_(4)
+    den = torch.add(sq, c1).mul_(torch.add(sq, sq2, alpha=-n).mul_(-cov_norm).add_(c2))
+    return num.div_(den).mean(dim=(2, 3)).mul_(4)
 
 
 class SSIMUnderNoise(NamedTuple):
@@ -327,17 +355,17 @@ def ssim_under_noise(
     with EvalMode(model):
         if maps is None:
             maps = _explain(explainer, model, x, y)
-        scores = torch.full((len(sigmas), x.shape[0]), math.nan, dtype=maps.dtype, device=maps.device)
+        # the noisy maps of every σ, then one SSIM call (the window sums of ``maps`` are shared);
+        # a not-kept image holds a copy of its clean map there and gets NaN afterwards
+        noisy_maps = maps.expand(len(sigmas), *maps.shape).clone()
         kept = torch.zeros(len(sigmas), x.shape[0], dtype=torch.bool, device=maps.device)
         for s, sigma in enumerate(sigmas):
             noisy = (x + sigma * randn_like(x, generator)).clamp_(0.0, 1.0)
-            noisy_maps, _, keep = _explain_kept(
-                explainer, model, noisy, y, max_label, lambda logits: logits.argmax(dim=1) == y
-            )
+            found, _, keep = _explain_kept(explainer, model, noisy, y, max_label, lambda logits: logits.argmax(dim=1) == y)
             kept[s] = keep.to(kept.device)
-            if noisy_maps is not None:
-                keep = keep.to(maps.device)
-                scores[s, keep] = ssim(maps[keep], noisy_maps.to(device=maps.device, dtype=maps.dtype)[keep])
+            if found is not None:
+                noisy_maps[s, kept[s]] = found.to(device=maps.device, dtype=maps.dtype)[kept[s]]
+        scores = ssim(maps, noisy_maps).masked_fill_(~kept, math.nan)
     return SSIMUnderNoise(scores, kept)
 
 

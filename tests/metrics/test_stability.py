@@ -91,12 +91,38 @@ def test_ssim_is_per_pair():
     torch.testing.assert_close(ssim(a, b)[2:3], ssim(a[2:3], b[2:3]))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_ssim_of_a_stack_matches_skimage_pair_by_pair(dtype, lenet, fmnist_test, vg_maps):
+    # b (S, B, H, W): each batch compared with a, a's window sums shared; the chunking must not matter
+    x, y = fmnist_test[0][:30], fmnist_test[1][:30]
+    g = torch.Generator().manual_seed(2)
+    stack = torch.stack([vanilla_gradient(lenet, (x + s * torch.randn(x.shape, generator=g)).clamp(0, 1), y)
+                         for s in (0.05, 0.2, 0.5)]).to(dtype)
+    a = vg_maps[:30].to(dtype)
+    got = ssim(a, stack)
+    assert got.shape == (3, 30) and got.dtype == dtype
+    for s in range(3):
+        torch.testing.assert_close(got[s].double(), _skimage_ssim(a, stack[s]), atol=1e-5, rtol=0)
+        assert torch.equal(got[s], ssim(a, stack[s]))  # the same numbers as one batch at a time
+    assert not torch.equal(got[0], got[2])
+    from salbench.metrics import stability
+
+    small = dict(stability._SSIM_CHUNK_ELEMENTS, cpu=3000)  # chunks of 1 image
+    old, stability._SSIM_CHUNK_ELEMENTS = stability._SSIM_CHUNK_ELEMENTS, small
+    try:
+        torch.testing.assert_close(ssim(a, stack), got, atol=1e-12, rtol=0)
+    finally:
+        stability._SSIM_CHUNK_ELEMENTS = old
+
+
 @pytest.mark.parametrize(
     "a, b, kwargs, match",
     [
         (torch.rand(2, 8, 8), torch.rand(3, 8, 8), {}, r"same shape.*\(2, 8, 8\) and \(3, 8, 8\)"),
         (torch.rand(8, 8), torch.rand(8, 8), {}, r"a must have shape \(B, H, W\).*\(8, 8\)"),
         (torch.rand(2, 8, 8), torch.rand(2, 1, 8, 8), {}, r"b must have shape \(B, H, W\).*\(2, 1, 8, 8\)"),
+        (torch.rand(2, 8, 8), torch.rand(3, 2, 8, 9), {}, r"or \(S, B, H, W\) = \(S, 2, 8, 8\).*\(3, 2, 8, 9\)"),
+        (torch.rand(2, 8, 8), torch.full((3, 2, 8, 8), math.inf), {}, r"b contains non-finite"),
         (torch.rand(0, 8, 8), torch.rand(0, 8, 8), {}, r"a is empty"),
         (torch.rand(1, 8, 8), torch.full((1, 8, 8), math.nan), {}, r"b contains non-finite"),
         (torch.rand(1, 8, 8), torch.rand(1, 8, 8), {"win_size": 4}, r"odd integer.*4"),
