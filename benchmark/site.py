@@ -675,20 +675,15 @@ def refresh_galleries(lb_dir: Path | None = None, *, site_dir: Path | None = Non
 
 
 def _load_model(card: dict, submissions_dir: Path, cards_dir: Path | None = None):
-    """The model of a zoo or submission card (weights verified against the card's sha256 and read
-    without unpickling), or None when its format is not one this function reads (safetensors or a
-    state-dict .pt/.pth of a registry architecture)."""
+    """The model of a zoo or submission card, weights verified against the card's sha256 and read
+    without running code from the file (registry weights with the card's smoothing and
+    normalisation, or an exported ``.pt2`` program: ``benchmark.submit.load_submission``)."""
+    from salbench.benchmark.submit import load_submission
     from salbench.model_zoo import zoo
 
     if card.get("source") == "zoo":
         return zoo.load(card["id"], cards_dir=cards_dir)
-    path = Path(submissions_dir) / card["dataset"] / Path(card.get("weights", "")).name
-    if path.suffix not in (".safetensors", ".pt", ".pth") or not path.is_file():
-        return None
-    if zoo.sha256_file(path) != card.get("sha256"):
-        raise ValueError(f"submission weights {path} do not match the sha256 on their card")
-    return zoo.load_checkpoint(path, card["arch"], num_classes=card.get("num_classes", 10), dataset=card["dataset"],
-                               smoothing=card.get("smoothing")).eval()
+    return load_submission(card, Path(submissions_dir))
 
 
 def build_site(lb_dir: Path | None = None, *, site_dir: Path | None = None, cards_dir: Path | None = None,

@@ -312,5 +312,5 @@ def test_a_submission_gets_a_gallery_and_its_weights_are_verified(tmp_path):
     save_file(sd, str(sub / "mine.safetensors"))  # the file no longer matches its card
     said.clear()
     assert W.refresh_galleries(lb, force=True, say=said.append) == []
-    assert len(said) == 1 and "do not match the sha256 on their card; skipped" in said[0]
+    assert len(said) == 1 and "does not match the sha256 on the card of fmnist-sub-mine; skipped" in said[0]
     assert (site / "gallery" / "fmnist-sub-mine.png").is_file()  # the old gallery is kept
