@@ -68,6 +68,7 @@ TOP_STORED = 5  # training indices stored per test image (the figure shows the f
 EXPLAIN_BATCH = 250
 HALF_SAMPLES = 10_000
 VARIANTS = ("N", "A", "G")
+SHORT = {"similarity": "sim", "representer": "repr"}  # figure labels
 SETUP_HINT = ("the training-data attribution track needs quanda (optional extra 'tda'): run `make setup-tda`, "
               "then `make tda` or `.venv-tda/bin/salbench tda --dataset fmnist`")
 
@@ -591,11 +592,12 @@ def figure_top(results: list[dict], data: TrackData, path: Path, n_images: int =
                     ax = row[1 + ei * k + j]
                     ax.imshow(data.train_x[ti, 0], cmap="gray", vmin=0, vmax=1)
                     col = "black" if int(data.train_y[ti]) == int(labels[t]) else "red"
-                    ax.set_title(f"{ex[:4]} #{j + 1}: {name(int(data.train_y[ti]))}", fontsize=6, color=col)
+                    ax.set_title(f"{SHORT[ex]} #{j + 1}: {name(int(data.train_y[ti]))}", fontsize=6, color=col)
     for ax in axes.ravel():
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.suptitle("Top training images per test image (rows: N, A, G; red = another class)", fontsize=9)
+    fig.suptitle("Top training images per test image (rows: N, A, G; sim = captum similarity, repr = representer "
+                 "points; red = another class)", fontsize=8)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
