@@ -34,3 +34,35 @@ def test_tda_arguments_are_checked_at_parse_time(capsys):
         main(["tda", "--dataset", "fmnist", "--n-test", "1"])
     assert e.value.code == 2
     assert "--n-test" in capsys.readouterr().err
+
+
+def test_readme_tda_table_quotes_the_committed_csvs():
+    """The README's N vs A vs G table is the committed board and comparisons, rounded (no drift)."""
+    import csv
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    board = list(csv.DictReader((root / "leaderboards" / "fmnist_tda.csv").open()))
+    comps = list(csv.DictReader((root / "leaderboards" / "fmnist_tda_comparisons.csv").open()))
+    names = {"class detection": "class_detection", "top-1 cardinality": "top1_cardinality",
+             "randomization Spearman": "randomization_spearman"}
+    rows = [r for r in (root / "README.md").read_text().splitlines()
+            if re.match(r"\| (similarity|representer) \| ", r)]
+    assert len(rows) == 6
+    num = r"([+−-]?[0-9.]+)"
+    for line in rows:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        explainer, metric = cells[0], names[cells[1].rstrip(" ↑↓")]
+        for variant, cell in zip("NAG", cells[2:5]):
+            est, lo, hi = (float(x) for x in re.fullmatch(rf"{num} \[{num}, {num}\]", cell).groups())
+            r = next(b for b in board if b["variant"] == variant and b["seed"] == "0" and b["explainer"] == explainer)
+            for got, key in ((est, metric), (lo, f"{metric}_lo"), (hi, f"{metric}_hi")):
+                assert abs(got - float(r[key])) <= 5e-4 + 1e-9, (line, variant, key)
+        for comparison, cell in zip(("A vs N", "G vs A"), cells[5:7]):
+            m = re.fullmatch(rf"{num} \[{num}, {num}\] (.+)", cell.replace("−", "-"))
+            c = next(c for c in comps if c["comparison"] == comparison and c["seed"] == "0"
+                     and c["explainer"] == explainer and c["metric"] == metric)
+            for got, key in zip(m.groups()[:3], ("delta", "delta_lo", "delta_hi")):
+                assert abs(float(got) - float(c[key])) <= 5e-4 + 1e-9, (line, comparison, key)
+            assert m.group(4) == c["verdict"], (line, comparison)
