@@ -107,7 +107,7 @@ def anchor(model_id: str) -> str:
     return safe
 
 
-FIGURE_ORDER = ("metrics", "ssim", "road", "saliency_grid")
+FIGURE_ORDER = ("metrics", "ssim", "road", "saliency_grid", "tda_top")
 
 
 def dataset_names(lb_dir: Path) -> list[str]:
@@ -281,6 +281,8 @@ COMPARISON_COLUMNS = [
 ]
 
 FIGURE_ALT = {
+    "tda_top": "{ds}: training-data attribution (optional quanda track), for a few test images the training images "
+               "that the N, A and G models each attribute the prediction to most",
     "metrics": "{ds}: one panel per headline metric (Gini, SSIM mean, log10 ROS, AOPC and any registered metric), "
                "one bar per model and method with its 95% bootstrap interval",
     "ssim": "{ds}: mean SSIM of each model's saliency maps against the input-noise level sigma, one panel per "
