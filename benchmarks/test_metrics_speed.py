@@ -5,10 +5,13 @@ The LeNet of PROTOCOL §5 (trained one epoch) on the first 1000 FMNIST test imag
 SSIM >= 10x skimage, ROS >= 3x quantus, VG/IG >= 70 % of raw forward+backward throughput,
 224x224 imputation >= 10x a per-image scipy spsolve loop.
 
-Targets are reported (the summary table's "met" column), not asserted: on a loaded machine they
-are aims. What is asserted: every ratio clears its :data:`FLOORS` entry, and the outputs of our
-path agree with the reference where the two compute the same thing (VG vs the raw gradient, SSIM
-vs skimage, ROS vs quantus's aggregate, imputation vs scipy).
+Issue 13's targets are asserted (:func:`_check_target`): ROS, VG and IG fail below their target.
+ROAD (20x), SSIM (10x) and the 224x224 imputation (10x) are not reached on the loaded 2-core
+machine (docs/performance.md says what bounds each, with measurements): below target those tests
+are marked xfail with the measured ratio, and they still fail below their :data:`FLOORS` entry
+(a lost vectorisation, a per-image Python loop or a solver that stops converging). The
+outputs of our path agree with the reference where the two compute the same thing (VG vs the raw
+gradient, SSIM vs skimage, ROS vs quantus's aggregate, imputation vs scipy).
 """
 
 from __future__ import annotations
@@ -60,8 +63,23 @@ FLOORS = {
 }
 
 
+#: Targets of issue 13 that this code does not reach on the loaded 2-core CPU machine: below the
+#: target the test is marked xfail with the measured ratio (it still fails below its floor). Measured
+#: in one run under load ~5 (docs/performance/bench.md): ROAD 12.2x, SSIM 7.7x, imputation 3.7x / 1.3x.
+NOT_REACHED = {"road", "ssim", "imputation_scattered", "imputation_clustered"}
+
+
 def _check_floor(ratio: float, key: str) -> None:
     assert ratio >= FLOORS[key], f"{key}: ratio {ratio:.2f} below the floor {FLOORS[key]} (see FLOORS)"
+
+
+def _check_target(ratio: float, key: str, target: float) -> None:
+    """Fail below the floor; below the target, fail too, or xfail for a target in :data:`NOT_REACHED`."""
+    _check_floor(ratio, key)
+    if ratio < target:
+        if key in NOT_REACHED:
+            pytest.xfail(f"{key}: measured {ratio:.2f}x, target {target}x not reached (docs/performance.md)")
+        raise AssertionError(f"{key}: ratio {ratio:.2f}x below the target {target}x")
 
 
 def _best(fn: Callable[[], object], rounds: int) -> float:
@@ -115,7 +133,7 @@ def test_road_vs_quantus(benchmark, record, lenet, fmnist, vg_maps):
         benchmark, "ROAD, 20 levels, 1000 images vs quantus.ROAD", ours, ref, 20.0,
         reference_note=f"quantus timed on {n_ref} images, scaled x{len(x) // n_ref}",
     )  # fmt: skip
-    _check_floor(ratio, "road")
+    _check_target(ratio, "road", 20.0)
 
 
 # ----------------------------------------------------------------------------------------- SSIM
@@ -127,7 +145,8 @@ def test_ssim_vs_skimage(benchmark, record, lenet, fmnist, vg_maps):
     noisy_maps = [  # attribution passes are not timed
         vanilla_gradient(lenet, (x + s * torch.randn(x.shape, generator=g)).clamp(0, 1), y) for s in SSIM_SIGMAS
     ]
-    ours = _timed(benchmark, lambda: [ssim(vg_maps, m) for m in noisy_maps], rounds=5)
+    # as ssim_under_noise calls it: the 8 noisy batches stacked (S, B, H, W), the clean maps' sums shared
+    ours = _timed(benchmark, lambda: ssim(vg_maps, torch.stack(noisy_maps)), rounds=5)
     a = vg_maps.numpy()
     bs = [m.numpy() for m in noisy_maps]
     ref_values: list[list[float]] = []
@@ -140,9 +159,9 @@ def test_ssim_vs_skimage(benchmark, record, lenet, fmnist, vg_maps):
 
     ref = _best(reference, rounds=2)
     ratio = record(benchmark, "SSIM, 8 noise levels x 1000 pairs vs skimage loop", ours, ref, 10.0)
-    _check_floor(ratio, "ssim")
-    got = torch.stack([ssim(vg_maps, m) for m in noisy_maps]).double()
+    got = ssim(vg_maps, torch.stack(noisy_maps)).double()
     np.testing.assert_allclose(got.numpy(), np.array(ref_values), atol=1e-5)  # PROTOCOL §3: 1e-5
+    _check_target(ratio, "ssim", 10.0)
 
 
 # ------------------------------------------------------------------------------------------ ROS
@@ -178,12 +197,12 @@ def test_ros_vs_quantus(benchmark, record, lenet, fmnist, vg_maps):
 
     ref = _best(reference, rounds=3)
     ratio = record(benchmark, "ROS (VG), 5 samples, 1000 images vs quantus", ours, ref, 3.0)
-    _check_floor(ratio, "ros")
     # the same quantity under different random draws: the aggregates agree (as in tests/metrics)
     log_mean, nan_fraction = aggregate_ros(outputs[-1])
     ref_arr = np.asarray(ref_values, dtype=np.float64)
     assert log_mean == pytest.approx(np.log10(np.nanmean(ref_arr)), abs=0.08)
     assert nan_fraction == pytest.approx(np.isnan(ref_arr).mean(), abs=0.05)
+    _check_target(ratio, "ros", 3.0)
 
 
 # ------------------------------------------------------------------------ attribution throughput
@@ -203,7 +222,7 @@ def test_vanilla_gradient_throughput(benchmark, record, lenet, fmnist):
     ratio = record(benchmark, "VG throughput vs raw fwd+bwd (batch 1000)", ours, raw, 0.7)
     benchmark.extra_info["images_per_s"] = len(x) / ours
     benchmark.extra_info["raw_images_per_s"] = len(x) / raw
-    _check_floor(ratio, "vg")  # the ratio is throughput(VG) / throughput(raw)
+    _check_target(ratio, "vg", 0.7)  # the ratio is throughput(VG) / throughput(raw)
     # the timed path computes the raw gradient (one channel: VG = |gradient|)
     torch.testing.assert_close(maps[-1], _raw_forward_backward(lenet, x, y).abs().sum(1), rtol=1e-5, atol=1e-7)
 
@@ -218,7 +237,7 @@ def test_integrated_gradients_throughput(benchmark, record, lenet, fmnist):
     ratio = record(benchmark, "IG(50) throughput vs raw fwd+bwd (5000 points)", ours, raw, 0.7)
     benchmark.extra_info["path_points_per_s"] = n * steps / ours
     benchmark.extra_info["raw_images_per_s"] = n * steps / raw
-    _check_floor(ratio, "ig")
+    _check_target(ratio, "ig", 0.7)
     # the timed path is a complete IG: the maps sum to the logit gap from the black image (completeness)
     with torch.no_grad():
         gap = (lenet(x[:n]) - lenet(torch.zeros_like(x[:n]))).gather(1, y[:n, None]).squeeze(1)
@@ -340,5 +359,5 @@ def test_imputation_224_rgb_vs_scipy(benchmark, record, kind):
         images=n, max_abs_err_vs_scipy=f"{err:.1e}",
         peak_rss_mib_ours=_peak_mib(kind, n, True), peak_rss_mib_scipy=_peak_mib(kind, n, False),
     )  # fmt: skip
-    _check_floor(ratio, f"imputation_{kind}")
     assert err < 1e-5, f"imputation differs from scipy spsolve by {err:.1e} (PROTOCOL §3: 1e-5)"
+    _check_target(ratio, f"imputation_{kind}", 10.0)
