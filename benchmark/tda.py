@@ -28,7 +28,7 @@ What is evaluated, per FMNIST zoo model of the dataset's default preset (N, A, G
   (class detection, randomization); for the cardinality, which is not a per-image mean, a
   centred half-sampling interval (:func:`half_sample_ci`).
 
-Results: one JSON per model in ``leaderboards/results/<dataset>_tda/<model id>.json`` (atomic
+Results: one JSON per model in ``leaderboards/tda_results/<dataset>/<model id>.json`` (atomic
 write, with the weights' sha256, the resolved config, versions, per-image values and the top
 training indices), the board ``leaderboards/<dataset>_tda.csv``, the paired comparisons
 ``leaderboards/<dataset>_tda_comparisons.csv`` and the figure
@@ -388,16 +388,18 @@ def evaluate_model(model: nn.Module, model_id: str, checkpoint: str, train_ds, t
 
 # ---------------------------------------------------------------- the track
 
-def results_dir(dataset: str, root: Path | None = None) -> Path:
-    from salbench.benchmark.results import results_dir as rd
-
-    return (root or rd()) / f"{dataset}_tda"
+def results_dir(dataset: str, leaderboards: Path | None = None) -> Path:
+    """``<leaderboards>/tda_results/<dataset>``: beside the saliency result store
+    (``leaderboards/results/<dataset>``), not inside it, whose every folder is a dataset of
+    saliency results."""
+    return (leaderboards or leaderboards_dir()) / "tda_results" / dataset
 
 
 def leaderboards_dir() -> Path:
-    from salbench.benchmark.results import results_dir as rd
+    """The boards' folder (``$SALBENCH_LEADERBOARDS_DIR`` or ``leaderboards/``)."""
+    from salbench.benchmark.results import leaderboards_dir as lb
 
-    return rd().parent
+    return lb()
 
 
 def track_models(dataset: str, cards_dir: Path | None = None) -> list[dict]:
@@ -623,7 +625,7 @@ def run_track(config: TDAConfig, *, only: str | None = None, rescore: bool = Fal
         raise ValueError(f"no N/A/G zoo card for {config.dataset}")
     data = load_track_data(config)
     lb = out_root or leaderboards_dir()
-    rdir = results_dir(config.dataset, lb / "results")
+    rdir = results_dir(config.dataset, lb)
     t0 = time.perf_counter()
     results = []
     with tqdm(total=len(cards) * len(config.explainers), desc="tda", unit="model x explainer") as bar:

@@ -263,7 +263,7 @@ def test_run_track_writes_board_comparisons_figure_and_reuses_results(tmp_path):
     board = pd.read_csv(out["board"])
     assert list(board["model"]) == [r["model"] for r in out["rows"]]
     for _, row in board.iterrows():
-        res = json.loads((tmp_path / "results" / "fmnist_tda" / f"{row['model']}.json").read_text())
+        res = json.loads((tmp_path / "tda_results" / "fmnist" / f"{row['model']}.json").read_text())
         e = res["explainers"][row["explainer"]]
         assert res["config"] == cfg.as_dict() and len(res["train_indices"]) == 80 and len(res["test_indices"]) == 24
         assert row["class_detection"] == pytest.approx(np.mean(e["class_detection"]), abs=1e-5)

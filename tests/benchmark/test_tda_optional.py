@@ -66,3 +66,23 @@ def test_readme_tda_table_quotes_the_committed_csvs():
             for got, key in zip(m.groups()[:3], ("delta", "delta_lo", "delta_hi")):
                 assert abs(float(got) - float(c[key])) <= 5e-4 + 1e-9, (line, comparison, key)
             assert m.group(4) == c["verdict"], (line, comparison)
+
+
+def test_readme_tda_seed_table_quotes_the_committed_board():
+    import csv
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    board = {(b["model"], b["explainer"]): b for b in csv.DictReader((root / "leaderboards" / "fmnist_tda.csv").open())}
+    ids = {"N": "fmnist-lenet-N-paper-10ep", "N-s1": "fmnist-lenet-N-paper-10ep-s1"}
+    rows = [r for r in (root / "README.md").read_text().splitlines() if re.match(r"\| N(-s1)? \| (similarity|representer) \|", r)]
+    assert len(rows) == 4
+    num = r"([0-9.]+)"
+    for line in rows:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        b = board[(ids[cells[0]], cells[1])]
+        for metric, cell in zip(("class_detection", "top1_cardinality", "randomization_spearman"), cells[2:5]):
+            vals = [float(x) for x in re.fullmatch(rf"{num} \[{num}, {num}\]", cell).groups()]
+            for got, key in zip(vals, (metric, f"{metric}_lo", f"{metric}_hi")):
+                assert abs(got - float(b[key])) <= 5e-4 + 1e-9, (line, key)
