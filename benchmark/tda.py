@@ -464,7 +464,7 @@ def score_model(card: dict, data: TrackData, config: TDAConfig, out_dir: Path, *
     write ``<out_dir>/<id>.json`` atomically."""
     path = out_dir / f"{card['id']}.json"
     old = None if rescore else _load_result(path)
-    train_sha = hashlib_sha(data.train_indices)
+    train_sha = _indices_sha256(data.train_indices)
     if old and old.get("sha256") == card["sha256"] and old.get("config") == config.as_dict() \
             and old.get("train_indices_sha256") == train_sha:
         log(f"{card['id']}: re-using {path}")
@@ -489,7 +489,8 @@ def score_model(card: dict, data: TrackData, config: TDAConfig, out_dir: Path, *
     return result
 
 
-def hashlib_sha(a: np.ndarray) -> str:
+def _indices_sha256(a: np.ndarray) -> str:
+    """sha256 of the training-subset indices as int64 bytes (a stored result is re-used only with the same subset)."""
     import hashlib
 
     return hashlib.sha256(np.ascontiguousarray(a, dtype=np.int64).tobytes()).hexdigest()
