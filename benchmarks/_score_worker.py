@@ -26,7 +26,7 @@ def main(model_id: str, out: str) -> None:
         imageset = load_imageset("fmnist")
         model = zoo.load(model_id)
         t0 = time.perf_counter()
-        res = score(model, imageset, ScoreConfig(accuracy=False), progress=False)
+        res = score(model, imageset, ScoreConfig(accuracy=False), progress=False).to_dict()
         seconds = time.perf_counter() - t0
         res = res.to_dict() if hasattr(res, "to_dict") else res
         if D.is_main():

@@ -112,7 +112,7 @@ def rescore(model_id: str, path: str, imageset, test_split) -> dict:
         model = zoo.load(model_id)
         assert model.smooth is not None, f"{model_id} has no SmoothBlock"
         t0 = time.perf_counter()
-        res = score(model, imageset, ScoreConfig(), test_split=test_split, progress=False)
+        res = score(model, imageset, ScoreConfig(), test_split=test_split, progress=False).to_dict()
         res["rescore_seconds"] = time.perf_counter() - t0
     finally:
         SmoothBlock.forward = NEW_FORWARD

@@ -111,8 +111,7 @@ def rescore(model_id: str, imageset, test_split, control=None) -> dict:
     try:
         model = zoo.load(model_id)
         t0 = time.perf_counter()
-        res = score(model, imageset, ScoreConfig(), test_split=test_split, progress=False)
-        res = res.to_dict() if hasattr(res, "to_dict") else res  # a typed Result or its JSON form
+        res = score(model, imageset, ScoreConfig(), test_split=test_split, progress=False).to_dict()
         res["rescore_seconds"] = time.perf_counter() - t0
     finally:
         metrics.ssim_under_noise, metrics.relative_output_stability = saved

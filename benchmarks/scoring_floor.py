@@ -113,7 +113,7 @@ def main(argv=None) -> int:
     rates = raw_rates(model, x, y, fb_batch=cfg.batch_size, f_batch=66 * len(cfg.road_percentages))
     counter = PassCounter(model)
     t0 = time.perf_counter()
-    res = score(model, imageset, cfg, progress=False)
+    res = score(model, imageset, cfg, progress=False).to_dict()
     wall = time.perf_counter() - t0
     counter.close()
     res = res.to_dict() if hasattr(res, "to_dict") else res
