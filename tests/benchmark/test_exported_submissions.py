@@ -83,6 +83,17 @@ def test_readme_exported_model_is_scored_and_lands_on_the_board(board, tmp_path,
     assert "re-using the stored result" in out and "result: a stored result of the same weights" in out
     assert _tree_digest(lb / "results") == before
     assert len(pd.read_csv(lb / "fmnist.csv").query("id == 'fmnist-sub-my-cnn'")) == 1
+    # ... and on the site, with a saliency gallery drawn from the stored exported program
+    from salbench.benchmark import site
+
+    said = []
+    site.refresh_galleries(lb, say=said.append)
+    site_dir, _ = site.build_site(lb)
+    page = (site_dir / "fmnist.html").read_text()
+    assert "fmnist-sub-my-cnn" in page and "plain pytorch, exported" in page
+    gallery = site_dir / site.GALLERY_DIR / f"{site.anchor('fmnist-sub-my-cnn')}.png"
+    assert gallery.is_file() and gallery.stat().st_size > 1000, said
+    assert not [m for m in said if "fmnist-sub-my-cnn" in m and "skipped" in m], said
 
 
 def _hostile(kind: str, tmp: Path) -> tuple[Path, str]:
