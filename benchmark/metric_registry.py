@@ -396,25 +396,15 @@ register_metric(MetricSpec(
     from_summary=lambda s: {"levels": list(s["road_curve"])} if "road_curve" in s else None))
 
 
-def describe() -> list[tuple[str, str, list[tuple[str, int | None]]]]:
-    """(name, description, [(aggregate, direction)]) of every registered metric, for help texts."""
-    out = []
-    for m in METRICS.values():
-        try:
-            aggs = [(a.name, a.direction) for a in m.aggregates({"sigmas": [], "levels": [], "road": np.zeros((0, 0))})
-                    if not a.curve]
-        except (KeyError, IndexError):
-            aggs = []
-        out.append((m.name, m.description, aggs))
-    return out
+# decoded values with one level each: enough to list every metric's aggregates (names, directions)
+PROBE = {"sigmas": ["0"], "levels": ["0"], "road": np.zeros((0, 1))}
 
 
 def headline_aggregates() -> list[tuple[MetricSpec, Aggregate]]:
     """Every registered metric's headline aggregates, in registry order: those with a direction that
     are not one level of a curve or of a σ sweep (the protocol's: gini, ssim_mean, log10_ros, aopc).
     The figures draw one panel per entry."""
-    probe = {"sigmas": ["0"], "levels": ["0"], "road": np.zeros((0, 1))}
-    return [(m, a) for m in METRICS.values() for a in m.aggregates(probe)
+    return [(m, a) for m in METRICS.values() for a in m.aggregates(PROBE)
             if a.direction is not None and not a.curve and "@" not in a.name]
 
 

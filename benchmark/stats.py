@@ -41,14 +41,12 @@ def _aggregate(metric: str):
     (``ssim@<σ>`` and ``road@<p>`` at any level), with the metric it belongs to."""
     base = metric.split("@")[0]
     for spec in R.METRICS.values():
-        for a in spec.aggregates(_PROBE):
+        for a in spec.aggregates(R.PROBE):
             if a.name.split("@")[0] == base:
                 return spec, a
     return None, None
 
 
-# decoded values with one level each: enough to list a metric's aggregate names and directions
-_PROBE = {"sigmas": ["0"], "levels": ["0"], "road": np.zeros((0, 1))}
 
 
 def direction(metric: str) -> int | None:
@@ -62,7 +60,7 @@ def direction(metric: str) -> int | None:
         return None
     _, a = _aggregate(metric)
     if a is None:
-        names = [x.name for m in R.METRICS.values() for x in m.aggregates(_PROBE)]
+        names = [x.name for m in R.METRICS.values() for x in m.aggregates(R.PROBE)]
         raise ValueError(f"unknown metric {metric!r}; known: {', '.join(names)}, acc_on_set "
                          "(ssim@<sigma>, road@<percent> at any level)")
     return a.direction
