@@ -69,6 +69,38 @@ def test_internal_batch_size_does_not_change_the_result(lenet, fmnist_test):
     )
 
 
+def test_cpu_chunking_of_the_path_points_leaves_the_maps_bit_identical(lenet, fmnist_test, monkeypatch):
+    # 7 images x 50 steps = 350 path points in chunks of 37 (the last one shorter): every chunk
+    # must get its own slice of the per-point targets, and captum's path sum must see the same
+    # gradients as from one call.
+    import salbench.metrics.attributions as attributions
+
+    x, y = fmnist_test[0][:7], fmnist_test[1][:7]
+    ref = IntegratedGradients(lenet).attribute(x, baselines=0, target=y, n_steps=50, method="gausslegendre")
+    calls = []
+    handle = lenet.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
+    try:
+        monkeypatch.setattr(attributions, "IG_CPU_CHUNK_ELEMENTS", 37 * 28 * 28)
+        maps, delta = integrated_gradients(lenet, x, y, return_convergence_delta=True)
+    finally:
+        handle.remove()
+    assert calls[:10] == [37] * 9 + [350 - 9 * 37]  # the path in chunks (then captum's delta forwards)
+    assert torch.equal(maps, ref.sum(1))
+    ref_delta = IntegratedGradients(lenet).attribute(
+        x, baselines=0, target=y, n_steps=50, method="gausslegendre", return_convergence_delta=True
+    )[1]
+    assert torch.equal(delta, ref_delta)
+
+
+def test_cpu_chunking_with_one_image_and_a_scalar_target(lenet, fmnist_test, monkeypatch):
+    import salbench.metrics.attributions as attributions
+
+    x, y = fmnist_test[0][:1], fmnist_test[1][:1]  # captum keeps a one-element target unexpanded
+    ref = IntegratedGradients(lenet).attribute(x, baselines=0, target=y, n_steps=50, method="gausslegendre")
+    monkeypatch.setattr(attributions, "IG_CPU_CHUNK_ELEMENTS", 8 * 28 * 28)
+    assert torch.equal(integrated_gradients(lenet, x, y), ref.sum(1))
+
+
 def test_caller_tensors_and_model_are_left_alone(lenet, fmnist_test):
     x, y = fmnist_test[0][:4].clone(), fmnist_test[1][:4]
     before = x.clone()

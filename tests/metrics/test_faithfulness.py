@@ -318,6 +318,22 @@ def test_road_curve_default_levels_and_noise_are_seeded_per_image(fmnist_test, v
     assert 0.9 < float(diff[masks].std()) < 1.1  # ... 0.01 N(0, 1)
 
 
+def test_road_curve_classifies_in_cpu_sized_calls_with_the_same_result(lenet, fmnist_test, vg_maps, monkeypatch):
+    import salbench.metrics.faithfulness as faithfulness
+
+    x, y, maps = fmnist_test[0][:6], fmnist_test[1][:6], vg_maps[:6]
+    whole = road_curve(lenet, x, y, maps, batch_size=6)
+    calls = []
+    handle = lenet.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
+    try:
+        monkeypatch.setattr(faithfulness, "_CPU_FORWARD_ELEMENTS", 7 * 28 * 28)
+        split = road_curve(lenet, x, y, maps, batch_size=6)
+    finally:
+        handle.remove()
+    assert calls == [7] * 17 + [120 - 17 * 7]  # 6 images x 20 levels, 7 per call
+    assert torch.equal(split, whole)
+
+
 def _quantus_road_accuracy(model, x, y, maps, noise: float) -> np.ndarray:
     quantus = pytest.importorskip("quantus")
     metric = quantus.ROAD(
