@@ -122,6 +122,41 @@ def leaderboard_tables(results: list[dict], *, stats: bool = True,
     return {"main": pd.DataFrame(rows), "ssim": pd.DataFrame(ssim_rows), "road": pd.DataFrame(road_rows)}
 
 
+def _same_natural_recipe(dataset: str | None, preset: str | None, other: str | None) -> bool:
+    """Do two presets train N identically (the recipe apart from its preset name)?"""
+    from salbench.model_zoo.recipes import get_recipe
+
+    try:
+        a, b = (get_recipe(dataset, p, "N").to_dict() for p in (preset, other))
+    except (KeyError, ValueError, TypeError):
+        return False
+    a.pop("preset", None), b.pop("preset", None)
+    return a == b
+
+
+def zoo_groups(results: list[dict]) -> dict[tuple, dict[str, dict]]:
+    """(preset, seed) -> arm -> result, over the zoo's models.
+
+    A group with an A but no N of its own takes the N of the same seed from a preset whose N recipe
+    is identical: FMNIST ``paper`` and ``paper-10ep`` differ only in the adversarial epochs, so
+    the 40-epoch A and G are compared with the one N that both presets train.
+    """
+    groups: dict[tuple, dict[str, dict]] = {}
+    for r in sorted((r for r in results if r["model"].get("source") == "zoo"), key=_row_key):
+        m = r["model"]
+        groups.setdefault((m.get("preset"), seed_of(m)), {})[arm_of(m)] = r
+    own_n = {key: arms["N"] for key, arms in groups.items() if "N" in arms}
+    for (preset, seed), arms in groups.items():
+        if "N" in arms or "A" not in arms:
+            continue
+        dataset = arms["A"]["model"].get("dataset")
+        for (other, s), n in sorted(own_n.items(), key=lambda kv: str(kv[0][0])):
+            if s == seed and other != preset and _same_natural_recipe(dataset, preset, other):
+                arms["N"] = n
+                break
+    return groups
+
+
 def comparison_pairs(results: list[dict], reference_ids: dict[str, str] | None = None,
                      extra: tuple[tuple[str, str], ...] = ()) -> list[tuple[dict, dict]]:
     """(model, reference) result pairs (PROTOCOL §7): within each zoo (preset, seed), A vs N
@@ -129,10 +164,7 @@ def comparison_pairs(results: list[dict], reference_ids: dict[str, str] | None =
     arm) pairs (those the dataset's claims need); each submission vs the dataset's reference
     A and G (``reference_ids``: variant -> zoo id)."""
     zoo = [r for r in results if r["model"].get("source") == "zoo"]
-    groups: dict[tuple, dict[str, dict]] = {}
-    for r in sorted(zoo, key=_row_key):
-        m = r["model"]
-        groups.setdefault((m.get("preset"), seed_of(m)), {})[arm_of(m)] = r
+    groups = zoo_groups(results)
     pairs = []
     for arms in groups.values():
         if "A" in arms and "N" in arms:
@@ -191,11 +223,13 @@ def _fmt_ci(d, lo, hi) -> str:
 
 def pattern_markdown(dataset: str, results: list[dict], comparisons: pd.DataFrame, variants: pd.DataFrame) -> str:
     """The paper's claims (:mod:`benchmark.claims`) decided per preset and seed pair."""
-    zoo = [r for r in results if r["model"].get("source") == "zoo"]
     arms: dict[str, dict[tuple[str, int], str]] = {}  # preset -> (arm, seed) -> id
-    for r in zoo:
-        m = r["model"]
-        arms.setdefault(m.get("preset"), {})[(arm_of(m), seed_of(m))] = m["id"]
+    borrowed: dict[str, set[str]] = {}  # preset -> ids of models trained under another preset (a shared N)
+    for (preset, seed), group in zoo_groups(results).items():
+        for arm, r in group.items():
+            arms.setdefault(preset, {})[(arm, seed)] = r["model"]["id"]
+            if r["model"].get("preset") != preset:
+                borrowed.setdefault(preset, set()).add(r["model"]["id"])
     paper = C.PAPER.get(dataset, {})
     lines = [f"# {dataset}: the paper's claims, decided by the benchmark",
              "",
@@ -210,7 +244,12 @@ def pattern_markdown(dataset: str, results: list[dict], comparisons: pd.DataFram
     spread = variants.set_index(["recipe", "method", "metric"]) if not variants.empty else None
     for preset in sorted(p for p in arms if p):
         table = arms[preset]
-        lines += [f"## preset `{preset}`", "",
+        lines += [f"## preset `{preset}`", ""]
+        shared = sorted(borrowed.get(preset, ()))
+        if shared:
+            lines += [f"N is shared with another preset that trains it identically: {', '.join(f'`{i}`' for i in shared)}.",
+                      ""]
+        lines += [
                   "| claim | method | paper | ours, per seed: delta [95% CI] (p Holm) -> status | across seeds |",
                   "|---|---|---|---|---|"]
         n_rows = 0

@@ -149,6 +149,35 @@ def test_comparison_pairs_within_seed_and_for_submissions():
     assert len(pairs) == len(set(pairs))
 
 
+def test_a_preset_without_its_own_n_borrows_an_identically_trained_one():
+    # FMNIST `paper` (40 PGD epochs) trains N exactly as `paper-10ep` does: the 40-epoch A is compared
+    # with that N, of the same seed only; CIFAR-10's presets train N differently, so none is borrowed.
+    def fm(mid, variant, preset):
+        r = _result(mid, variant, preset)
+        r["model"]["dataset"] = "fmnist"
+        return r
+
+    rs = [fm("fmnist-lenet-N-paper-10ep", "N", "paper-10ep"), fm("fmnist-lenet-A-paper-10ep", "A", "paper-10ep"),
+          fm("fmnist-lenet-N-paper-10ep-s1", "N", "paper-10ep"), fm("fmnist-lenet-A-paper", "A", "paper"),
+          fm("fmnist-lenet-G-paper", "G", "paper")]
+    cifar = [_result("c-N-cpu", "N", "cpu-resnet8"), _result("c-A-paper", "A", "paper")]
+    for r in cifar:
+        r["model"]["dataset"] = "cifar10"
+    pairs = [(m["model"]["id"], r["model"]["id"]) for m, r in comparison_pairs(rs + cifar)]
+    assert ("fmnist-lenet-A-paper", "fmnist-lenet-N-paper-10ep") in pairs
+    assert ("fmnist-lenet-G-paper", "fmnist-lenet-A-paper") in pairs
+    assert not any(ref == "fmnist-lenet-N-paper-10ep-s1" and m.endswith("-paper") for m, ref in pairs)
+    assert not any(m == "c-A-paper" for m, _ in pairs)
+    from salbench.benchmark.leaderboard import comparisons_table, pattern_markdown
+
+    table = comparisons_table(rs)
+    md = pattern_markdown("fmnist", rs, table, variants_table(leaderboard_tables(rs, stats=False)["main"]))
+    section = md.split("## preset `paper`")[1].split("## preset")[0]
+    assert "N is shared with another preset that trains it identically: `fmnist-lenet-N-paper-10ep`." in section
+    assert "A is sparser than N" in section and "G keeps A's sparsity" in section
+    assert "N is shared" not in md.split("## preset `paper-10ep`")[1]
+
+
 def test_variants_table_spreads_over_seeds():
     rs = [_result("d-A-p", "A"), _result("d-A-p-s1", "A", seed_shift=0.1), _result("d-A-p-s2", "A", seed_shift=0.2)]
     main = leaderboard_tables(rs)["main"]
