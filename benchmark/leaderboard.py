@@ -242,6 +242,7 @@ def pattern_markdown(dataset: str, results: list[dict], comparisons: pd.DataFram
         return "\n".join(lines + ["No comparable models yet.", ""])
     cmp_idx = comparisons.set_index(["model", "reference", "method", "metric"])
     spread = variants.set_index(["recipe", "method", "metric"]) if not variants.empty else None
+    lines += glance_table(dataset, arms, cmp_idx)
     for preset in sorted(p for p in arms if p):
         table = arms[preset]
         lines += [f"## preset `{preset}`", ""]
@@ -288,6 +289,44 @@ def pattern_markdown(dataset: str, results: list[dict], comparisons: pd.DataFram
             lines.append("| (no model pairs for these claims yet) | | | | |")
         lines.append("")
     return "\n".join(lines)
+
+
+GLANCE_HEADING = "## At a glance"
+
+
+def glance_table(dataset: str, arms: dict, cmp_idx: pd.DataFrame) -> list[str]:
+    """One row per (claim, method), one column per (preset, seed): the paired difference and the
+    claim's status, for the claims about A vs N and G vs A (the paper's central ones). The README
+    quotes this table (tests/benchmark/test_committed_artifacts.py keeps them equal)."""
+    columns = [(preset, seed) for preset in sorted(p for p in arms if p)
+               for seed in sorted({s for (_, s) in arms[preset]})]
+    central = [c for c in C.claims_for(dataset) if c.model in ("A", "G") and c.reference in ("N", "A")]
+    paper = C.PAPER.get(dataset, {})
+    rows = []
+    for claim in central:
+        for method in claim.methods:
+            cells, any_cell = [], False
+            for preset, seed in columns:
+                table = arms[preset]
+                key = (table.get((claim.model, seed)), table.get((claim.reference, seed)), method, claim.metric)
+                if key in cmp_idx.index:
+                    row = cmp_idx.loc[key]
+                    cells.append(f"{row['delta']:+.3f} {C.status(claim, row)}")
+                    any_cell = True
+                else:
+                    cells.append("")
+            if any_cell:
+                pm = paper.get(claim.model, {}).get(method, {}).get(claim.metric)
+                pr = paper.get(claim.reference, {}).get(method, {}).get(claim.metric)
+                ptxt = f"{pm - pr:+.3f}" if pm is not None and pr is not None else "n/a"
+                rows.append(f"| {claim.text} | {method} | {ptxt} | " + " | ".join(cells) + " |")
+    if not rows:
+        return []
+    head = "| claim | method | paper | " + " | ".join(f"`{p}` s{s}" for p, s in columns) + " |"
+    return [GLANCE_HEADING, "",
+            "Paired difference model - reference over the fixed set and the claim's status, per preset and "
+            "training seed (details, intervals and p values in the sections below).", "",
+            head, "|" + "---|" * (3 + len(columns)), *rows, ""]
 
 
 def _recipe_id(table: dict, arm: str, seed: int) -> str:

@@ -91,3 +91,22 @@ def test_every_committed_board_file_regenerates_from_the_stored_results(path: Pa
         assert committed.is_file(), f"{committed.name} is not committed; run `salbench leaderboard --dataset {dataset}`"
         a, b = committed.read_text(), new.read_text()
         assert a == b or _same_up_to_float_rounding(a, b), f"{committed.name} differs from its regeneration"
+
+
+def test_readme_quotes_the_generated_fmnist_claims_at_a_glance():
+    """The README's claims table is the "At a glance" table of the committed fmnist_pattern.md (which
+    the test above regenerates from the stored results), line for line."""
+    from salbench.benchmark.leaderboard import GLANCE_HEADING
+
+    root = Path(__file__).resolve().parents[2]
+    pattern = (DEFAULT_LEADERBOARDS_DIR / "fmnist_pattern.md").read_text()
+    section = pattern.split(GLANCE_HEADING, 1)[1].split("\n## ", 1)[0]
+    table = [line for line in section.splitlines() if line.startswith("|")]
+    readme = (root / "README.md").read_text()
+    begin, end = "<!-- BEGIN fmnist-glance", "<!-- END fmnist-glance -->"
+    assert begin in readme and end in readme, "README lacks the fmnist claims table markers"
+    quoted = [line for line in readme.split(begin, 1)[1].split(end, 1)[0].splitlines() if line.startswith("|")]
+    assert len(table) > 2
+    assert quoted == table, (
+        "README's claims table differs from leaderboards/fmnist_pattern.md 'At a glance': copy the table "
+        "from there between the fmnist-glance markers")
