@@ -219,6 +219,8 @@ def main(argv=None) -> int:
     ap.add_argument("--budget-resnet8", type=float, default=420.0, help="seconds of interleaved rounds (ResNet-8)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--write-doc", action="store_true")
+    ap.add_argument("--context", default="other processes",
+                    help="what else ran on the machine, for the doc (e.g. 'a training run on the same core')")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     budgets = {"lenet": args.budget_lenet, "resnet8": args.budget_resnet8}
@@ -258,9 +260,8 @@ def main(argv=None) -> int:
             "per-round ratios:\n\n" + oh + "\n\n"
             f"How it was measured: `{cmd}` ({time.perf_counter() - t0:.0f} s in all), "
             f"torch {torch.__version__}, Python {platform.python_version()}, "
-            f"`torch.set_num_threads({args.threads})`, CPU only, on a 2-core machine shared with other "
-            f"processes (two `salbench train --preset paper` runs, and test/scoring runs of other sessions; "
-            f"1-minute load average {load_before[0]:.1f} before, {load_after[0]:.1f} after). Every round times each (variant, path) once in a "
+            f"`torch.set_num_threads({args.threads})`, CPU only, on a 2-core machine shared with "
+            f"{args.context} (1-minute load average {load_before[0]:.1f} before, {load_after[0]:.1f} after). Every round times each (variant, path) once in a "
             "rotated order; inputs are uniform random images with random labels, models freshly "
             "initialised (seed 0). A is timed under both paths (the same model, no SmoothBlock) as a "
             f"noise check, ratio to the round's mean A: {a_check}. The \"issue\" column is the old path as "
