@@ -280,15 +280,20 @@ def pattern_markdown(dataset: str, results: list[dict], comparisons: pd.DataFram
                     sd = max(sds) if sds else float("nan")
                 gap = claim.expect in ("better", "worse")
                 overall = C.across_seeds(statuses, deltas, sd, gap=gap)
-                pm, pr = (paper.get(claim.model, {}).get(method, {}).get(claim.metric),
-                          paper.get(claim.reference, {}).get(method, {}).get(claim.metric))
-                ptxt = f"{pm - pr:+.3f}" if pm is not None and pr is not None else "n/a"
+                ptxt = _paper_delta(paper, claim, method)
                 lines.append(f"| {claim.text} | {method} | {ptxt} | {'<br>'.join(cells)} | **{overall}** |")
                 n_rows += 1
         if not n_rows:
             lines.append("| (no model pairs for these claims yet) | | | | |")
         lines.append("")
     return "\n".join(lines)
+
+
+def _paper_delta(paper: dict, claim, method: str) -> str:
+    """The paper's model - reference difference of a claim, formatted; ``n/a`` where it gives none."""
+    pm = paper.get(claim.model, {}).get(method, {}).get(claim.metric)
+    pr = paper.get(claim.reference, {}).get(method, {}).get(claim.metric)
+    return f"{pm - pr:+.3f}" if pm is not None and pr is not None else "n/a"
 
 
 GLANCE_HEADING = "## At a glance"
@@ -316,9 +321,7 @@ def glance_table(dataset: str, arms: dict, cmp_idx: pd.DataFrame) -> list[str]:
                 else:
                     cells.append("")
             if any_cell:
-                pm = paper.get(claim.model, {}).get(method, {}).get(claim.metric)
-                pr = paper.get(claim.reference, {}).get(method, {}).get(claim.metric)
-                ptxt = f"{pm - pr:+.3f}" if pm is not None and pr is not None else "n/a"
+                ptxt = _paper_delta(paper, claim, method)
                 rows.append(f"| {claim.text} | {method} | {ptxt} | " + " | ".join(cells) + " |")
     if not rows:
         return []
