@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import native
+
 FILTERS = ("gaussian", "mean", "median")
 # below this many pixels per map the 1x1 mixing runs as a matmul (measured: benchmarks/test_smoothing_speed.py)
 _MATMUL_MIX_MAX_PIXELS = 256
@@ -39,42 +41,65 @@ def _median9(p: list[Tensor]) -> Tensor:
     return torch.minimum(p[4], p[2])
 
 
+def _median_which_torch(xp: Tensor, with_which: bool) -> tuple[Tensor, Tensor | None]:
+    """The torch path of :class:`_Median3x3`'s forward: the median of each 3x3 window of the padded
+    map and (when asked) the neighbour (uint8, 0..8 in raster order) its gradient goes to."""
+    h, w = xp.shape[-2] - 2, xp.shape[-1] - 2
+    views = [xp[..., i : i + h, j : j + w] for i in range(3) for j in range(3)]
+    med = _median9(views)
+    if not with_which:
+        return med, None
+    n_less = torch.zeros(med.shape, dtype=torch.int16, device=med.device)
+    for v in views:
+        n_less += v < med
+    target = 4 - n_less  # which of the equal neighbours (0-based, raster order) has rank 4
+    seen = torch.zeros_like(n_less)
+    which = torch.zeros(med.shape, dtype=torch.uint8, device=med.device)
+    for k, v in enumerate(views):
+        eq = v == med
+        which = torch.where(eq & (seen == target), k, which)
+        seen += eq
+    return med, which
+
+
+def _median_backward_torch(grad: Tensor, which: Tensor) -> Tensor:
+    """The torch path of :class:`_Median3x3`'s backward: nine masked shifted additions."""
+    h, w = which.shape[-2:]
+    gp = grad.new_zeros(*which.shape[:-2], h + 2, w + 2)
+    for k in range(9):
+        i, j = divmod(k, 3)
+        gp[..., i : i + h, j : j + w] += torch.where(which == k, grad, 0.0)
+    return gp
+
+
 class _Median3x3(torch.autograd.Function):
     """3x3 median of an already padded map: the value from the selection network (no autograd
     graph), the gradient routed to the neighbour a stable sort puts at rank 4 (of 0..8) —
     among neighbours equal to the median, the (4 - #smaller)-th in raster order — exactly as
     ``unfold`` + ``sort`` on CPU does. Ties are common on real inputs (a constant background
-    gives exact plateaus), so the choice matters for the gradient, not for the value."""
+    gives exact plateaus), so the choice matters for the gradient, not for the value.
+
+    On CPU float32 maps both directions run as one fused C loop (``model_zoo/median3x3.c``, built
+    on first use by :mod:`native`), bit-identical to the torch path used everywhere else.
+    """
 
     @staticmethod
     def forward(ctx, xp: Tensor) -> Tensor:
-        h, w = xp.shape[-2] - 2, xp.shape[-1] - 2
-        views = [xp[..., i : i + h, j : j + w] for i in range(3) for j in range(3)]
-        med = _median9(views)
-        if ctx.needs_input_grad[0]:
-            n_less = torch.zeros(med.shape, dtype=torch.int16, device=med.device)
-            for v in views:
-                n_less += v < med
-            target = 4 - n_less  # which of the equal neighbours (0-based, raster order) has rank 4
-            seen = torch.zeros_like(n_less)
-            which = torch.zeros(med.shape, dtype=torch.uint8, device=med.device)
-            for k, v in enumerate(views):
-                eq = v == med
-                which = torch.where(eq & (seen == target), k, which)
-                seen += eq
+        with_which = ctx.needs_input_grad[0]
+        result = native.median3x3_forward(xp, with_which) if native.usable(xp) else None
+        use_native = result is not None  # None: no native library, or a NaN in the map
+        med, which = result if use_native else _median_which_torch(xp, with_which)
+        if with_which:
             ctx.save_for_backward(which)
-            ctx.padded_shape = xp.shape
+            ctx.use_native = use_native
         return med
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         (which,) = ctx.saved_tensors
-        h, w = which.shape[-2:]
-        gp = grad.new_zeros(ctx.padded_shape)
-        for k in range(9):
-            i, j = divmod(k, 3)
-            gp[..., i : i + h, j : j + w] += torch.where(which == k, grad, 0.0)
-        return gp
+        if ctx.use_native and grad.dtype == torch.float32 and grad.device.type == "cpu":
+            return native.median3x3_backward(grad, which)
+        return _median_backward_torch(grad, which)
 
 
 def _median3x3(x: Tensor) -> Tensor:

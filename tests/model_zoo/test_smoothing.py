@@ -8,7 +8,22 @@ import kornia.filters as KF
 import pytest
 import torch
 
+from salbench.model_zoo import native, smoothing
 from salbench.model_zoo.smoothing import FILTERS, SmoothBlock, gaussian_sigma
+
+needs_native = pytest.mark.skipif(native.status() != "native",
+                                  reason=f"native median kernel not available: {native.status()}")
+
+
+@pytest.fixture(params=["native", "torch"])
+def median_path(request, monkeypatch):
+    """Run a median test once through the C kernel and once through the pure-torch path."""
+    if request.param == "native":
+        if native.status() != "native":
+            pytest.skip(f"native median kernel not available: {native.status()}")
+    else:
+        monkeypatch.setattr(native, "usable", lambda x: False)
+    return request.param
 
 
 def _rand(*shape, seed=0, dtype=torch.float32):
@@ -94,7 +109,7 @@ def test_mean_equals_kornia_box_blur():
     torch.testing.assert_close(block.smooth(x), KF.box_blur(x, (3, 3)), rtol=1e-5, atol=1e-6)
 
 
-def test_median_equals_kornia_median_blur():
+def test_median_equals_kornia_median_blur(median_path):
     block = SmoothBlock(4, width=12, filter="median")
     x = _rand(2, 4, 9, 11, seed=2)
     torch.testing.assert_close(block.smooth(x), KF.median_blur(x, (3, 3)), rtol=0, atol=0)
@@ -133,7 +148,7 @@ def test_filter_is_fixed_and_not_saved(filter):
     assert set(block.state_dict()) == {"mix.weight", "mix.bias"}
 
 
-def test_median_gradient_on_plateaus_routes_like_a_stable_sort():
+def test_median_gradient_on_plateaus_routes_like_a_stable_sort(median_path):
     """Exact ties (plateaus of equal positive values, as a constant image background gives)
     send the gradient to the same neighbour as ``unfold`` + ``sort`` (rank 4, stable): the
     committed M2 checkpoints' saliency maps depend on that choice."""
@@ -144,3 +159,75 @@ def test_median_gradient_on_plateaus_routes_like_a_stable_sort():
     (new,) = torch.autograd.grad(block.smooth(x), x, up)
     (ref,) = torch.autograd.grad(block.smooth_reference(x), x, up)
     torch.testing.assert_close(new, ref, rtol=0, atol=1e-6)
+
+
+def _plateau_map(shape, seed):
+    """ReLU-like maps with many exact ties: zeros and values on a coarse grid."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.relu(torch.randn(*shape, generator=g)).mul(4).round().div(4)
+
+
+@needs_native
+@pytest.mark.parametrize("shape", [(2, 3, 8, 8), (4, 6, 12, 12), (1, 1, 3, 3), (2, 5, 7, 13), (3, 9, 4)])
+def test_native_median_is_bit_identical_to_the_torch_path(shape):
+    """Value, routing index and gradient of the C kernel equal the torch path exactly."""
+    x = _plateau_map(shape, seed=sum(shape))
+    xp = torch.nn.functional.pad(x if x.dim() == 4 else x[None], (1, 1, 1, 1), mode="reflect")
+    med_t, which_t = smoothing._median_which_torch(xp, True)
+    med_n, which_n = native.median3x3_forward(xp, True)
+    assert torch.equal(med_n, med_t) and torch.equal(which_n, which_t)
+    assert (which_t != 4).any()  # the ties really exercise the routing
+    up = torch.randn(med_t.shape, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(native.median3x3_backward(up, which_n), smoothing._median_backward_torch(up, which_t))
+
+
+@needs_native
+def test_native_median_through_the_block_matches_the_torch_path(monkeypatch):
+    block = SmoothBlock(6, width=12, filter="median")
+    x = _plateau_map((8, 6, 12, 12), seed=3).requires_grad_(True)
+    up = torch.randn(8, 6, 12, 12, generator=torch.Generator().manual_seed(2))
+    (g_native,) = torch.autograd.grad(block(x), x, up)
+    monkeypatch.setattr(native, "usable", lambda t: False)
+    (g_torch,) = torch.autograd.grad(block(x), x, up)
+    assert torch.equal(g_native, g_torch)
+
+
+@needs_native
+def test_native_median_hands_a_nan_map_to_the_torch_path():
+    x = _plateau_map((2, 3, 6, 6), seed=4)
+    x[1, 2, 3, 3] = float("nan")
+    xp = torch.nn.functional.pad(x, (1, 1, 1, 1), mode="reflect")
+    assert native.median3x3_forward(xp, True) is None
+    out = SmoothBlock(3, width=6, filter="median").smooth(x)
+    ref, _ = smoothing._median_which_torch(xp, False)
+    assert torch.equal(out.isnan(), ref.isnan()) and out.isnan().any()
+
+
+def test_native_can_be_disabled_and_reports_why(monkeypatch, tmp_path):
+    monkeypatch.setattr(native, "_tried", False)
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setenv("SALBENCH_NATIVE", "0")
+    assert native.status() == "disabled by SALBENCH_NATIVE=0"
+    assert not native.usable(torch.zeros(3, 3))
+    x = _plateau_map((2, 2, 5, 5), seed=5)
+    torch.testing.assert_close(SmoothBlock(2, width=5, filter="median").smooth(x), KF.median_blur(x, (3, 3)),
+                               rtol=0, atol=0)
+
+
+def test_native_without_a_compiler_falls_back(monkeypatch, tmp_path):
+    monkeypatch.setattr(native, "_tried", False)
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setenv("SALBENCH_NATIVE_CACHE", str(tmp_path))
+    monkeypatch.setattr(native, "_compiler", lambda: None)
+    assert native.status().startswith("torch path: no C compiler found")
+    assert native.library() is None
+
+
+@needs_native
+def test_native_build_goes_to_the_cache_atomically(monkeypatch, tmp_path):
+    monkeypatch.setattr(native, "_tried", False)
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setenv("SALBENCH_NATIVE_CACHE", str(tmp_path))
+    assert native.status() == "native"
+    built = list(tmp_path.iterdir())
+    assert len(built) == 1 and built[0].name.startswith("median3x3-")  # no temporary left behind
