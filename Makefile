@@ -10,12 +10,13 @@ SHARED_CIFAR := $(abspath $(CURDIR)/../shared/data/cifar10)
 export SALBENCH_CIFAR10_DIR ?= $(if $(wildcard $(SHARED_CIFAR)/test_batch.bin),$(SHARED_CIFAR),)
 PYTEST := $(BIN)/python -m pytest
 
-.PHONY: setup data browser run test test-slow bench clean help setup-tda tda test-tda
+.PHONY: setup data browser run test test-slow bench clean help setup-tda tda test-tda readme-tables
 help:
 	@echo "make run        score the FMNIST (and CIFAR-10) zoo, write leaderboards/ and figures (main job)"
 	@echo "make test       default test suite (< 15 min on 2 cores)"
 	@echo "make test-slow  slow end-to-end tests (training, full scoring)"
 	@echo "make bench      pytest-benchmark speed suite (ratios vs quantus/skimage/scipy)"
+	@echo "make readme-tables  copy the generated tables the README quotes (after salbench leaderboard)"
 	@echo "make setup-tda  optional training-data attribution extra (quanda) in .venv-tda"
 	@echo "make tda        the TDA track: leaderboards/fmnist_tda.csv + figure (after setup-tda)"
 	@echo "make test-tda   the TDA track's tests, in .venv-tda"
@@ -56,6 +57,10 @@ browser:
 	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null 2>&1 \
 	      || echo "chromium could not be installed: the site's browser test will skip"; \
 	  else echo "no Chromium and not root with apt: the site's browser test will skip (see SALBENCH_CHROMIUM)"; fi; }
+
+# after `salbench leaderboard`: copy the generated tables the README quotes (a test keeps them equal)
+readme-tables: setup
+	$(BIN)/python -c "from pathlib import Path; from salbench.benchmark.leaderboard import sync_readme_quotes; print('README tables updated:', sync_readme_quotes(Path('README.md')) or 'none')"
 
 test: setup browser
 	$(PYTEST)

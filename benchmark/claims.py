@@ -32,6 +32,10 @@ def _paper(rows: dict) -> dict:
     return out
 
 
+# Table 5 (CIFAR-10, VG): change relative to N of (Gini, ROS as printed) with the SmoothBlock after the
+# first, second, third residual block; arms "G", "G@p2", "G@p3" (leaderboard.arm_of)
+PAPER_PLACEMENT = {"G": (0.18, 0.21), "G@p2": (0.18, 0.23), "G@p3": (0.19, 0.24)}
+
 # (Gini, ROS as printed, [AOPC]) per variant: ((VG), (IG)); paper Tables 3 and 6
 PAPER = {
     "fmnist": _paper({"N": ((0.54, 11.03, 0.22), (0.77, 7.26, 0.32)), "A": ((0.74, 13.12, 0.21), (0.83, 9.19, 0.31)),
@@ -57,6 +61,8 @@ class Claim:
     methods: tuple[str, ...] = ("VG", "IG")
     margin: float = 0.0
     datasets: tuple[str, ...] | None = None  # None: every dataset
+    group: str = "main"  # "main": the paper's central claims (the "At a glance" table); "placement": Table 5
+    paper: float | None = None  # the paper's model - reference difference in our units, where PAPER has no row
 
 
 CLAIMS: tuple[Claim, ...] = (
@@ -79,6 +85,17 @@ CLAIMS: tuple[Claim, ...] = (
           ("IG",), datasets=("fmnist",)),
     Claim("ros_G_M2_ig", "Sec. 6.2 (FMNIST): G has the best IG ROS (G < M2)", "G", "M2", "log10_ros", "better",
           ("IG",), datasets=("fmnist",)),
+    *(Claim(f"gini_{arm}_N", f"Table 5: G after block {k} is sparser than N (Gini {arm} > N)", arm, "N", "gini",
+            "better", ("VG",), datasets=("cifar10",), group="placement", paper=PAPER_PLACEMENT[arm][0])
+      for k, arm in enumerate(PAPER_PLACEMENT, 1)),
+    *(Claim(f"ros_{arm}_N", f"Table 5: G after block {k} has worse ROS than N (ROS {arm} > N)", arm, "N",
+            "log10_ros", "worse", ("VG",), datasets=("cifar10",), group="placement",
+            paper=PAPER_PLACEMENT[arm][1] / LN10)
+      for k, arm in enumerate(PAPER_PLACEMENT, 1)),
+    *(Claim(f"ros_G_{arm}", f"Table 5: smoothing after block 1 is the most stable (ROS G < {arm})", "G", arm,
+            "log10_ros", "better", ("VG",), datasets=("cifar10",), group="placement",
+            paper=(PAPER_PLACEMENT["G"][1] - PAPER_PLACEMENT[arm][1]) / LN10)
+      for arm in ("G@p2", "G@p3")),
 )
 
 

@@ -243,6 +243,7 @@ def pattern_markdown(dataset: str, results: list[dict], comparisons: pd.DataFram
     cmp_idx = comparisons.set_index(["model", "reference", "method", "metric"])
     spread = variants.set_index(["recipe", "method", "metric"]) if not variants.empty else None
     lines += glance_table(dataset, arms, cmp_idx)
+    lines += placement_table(dataset, zoo_groups(results), cmp_idx)
     for preset in sorted(p for p in arms if p):
         table = arms[preset]
         lines += [f"## preset `{preset}`", ""]
@@ -291,6 +292,8 @@ def pattern_markdown(dataset: str, results: list[dict], comparisons: pd.DataFram
 
 def _paper_delta(paper: dict, claim, method: str) -> str:
     """The paper's model - reference difference of a claim, formatted; ``n/a`` where it gives none."""
+    if claim.paper is not None:
+        return f"{claim.paper:+.3f}"
     pm = paper.get(claim.model, {}).get(method, {}).get(claim.metric)
     pr = paper.get(claim.reference, {}).get(method, {}).get(claim.metric)
     return f"{pm - pr:+.3f}" if pm is not None and pr is not None else "n/a"
@@ -305,7 +308,8 @@ def glance_table(dataset: str, arms: dict, cmp_idx: pd.DataFrame) -> list[str]:
     quotes this table (tests/benchmark/test_committed_artifacts.py keeps them equal)."""
     columns = [(preset, seed) for preset in sorted(p for p in arms if p)
                for seed in sorted({s for (_, s) in arms[preset]})]
-    central = [c for c in C.claims_for(dataset) if c.model in ("A", "G") and c.reference in ("N", "A")]
+    central = [c for c in C.claims_for(dataset)
+               if c.group == "main" and c.model in ("A", "G") and c.reference in ("N", "A")]
     paper = C.PAPER.get(dataset, {})
     rows = []
     for claim in central:
@@ -330,6 +334,50 @@ def glance_table(dataset: str, arms: dict, cmp_idx: pd.DataFrame) -> list[str]:
             "Paired difference model - reference over the fixed set and the claim's status, per preset and "
             "training seed (details, intervals and p values in the sections below).", "",
             head, "|" + "---|" * (3 + len(columns)), *rows, ""]
+
+
+PLACEMENT_HEADING = "## Placement ablation (paper Table 5)"
+
+
+def placement_table(dataset: str, groups: dict, cmp_idx: pd.DataFrame) -> list[str]:
+    """Paper Sec. 6.1 / Table 5: per (preset, seed) with G at more than one placement, VG Gini and
+    log10 ROS of G at each placement minus N, with intervals, statuses and the paper's changes. The
+    README quotes this table (tests/benchmark/test_committed_artifacts.py keeps them equal)."""
+    by_arm = {c.model: c for c in C.claims_for(dataset) if c.group == "placement" and c.reference == "N"
+              and c.metric == "gini"}
+    ros = {c.model: c for c in C.claims_for(dataset) if c.group == "placement" and c.reference == "N"
+           and c.metric == "log10_ros"}
+    rows = []
+    for (preset, seed), arms in sorted(groups.items(), key=lambda kv: (str(kv[0][0]), kv[0][1])):
+        placed = [a for a in by_arm if a in arms]
+        if "N" not in arms or len(placed) < 2:
+            continue
+        for k, arm in enumerate(by_arm, 1):
+            if arm not in arms:
+                continue
+            m = arms[arm]["model"]
+            cells = []
+            for claim in (by_arm[arm], ros[arm]):
+                key = (m["id"], arms["N"]["model"]["id"], "VG", claim.metric)
+                if key in cmp_idx.index:
+                    row = cmp_idx.loc[key]
+                    cells += [f"{_fmt_ci(row['delta'], row['delta_lo'], row['delta_hi'])} {C.status(claim, row)}",
+                              _paper_delta({}, claim, "VG")]
+                else:
+                    cells += ["", _paper_delta({}, claim, "VG")]
+            a = arms[arm].get("accuracy", {})
+            acc = " / ".join(f"{100 * a[k]:.1f}%" if isinstance(a.get(k), (int, float)) else "n/a"
+                             for k in ("natural", "robust"))
+            rows.append(f"| `{preset}` s{seed} | after block {k} | `{m['id']}` | {acc} | " + " | ".join(cells) + " |")
+    if not rows:
+        return []
+    return [PLACEMENT_HEADING, "",
+            "Where the SmoothBlock goes (VG; model - N of the same preset and seed, over the fixed set, with the "
+            "paired 95% interval and the status of \"sparser than N\" / \"worse ROS than N\"); the paper's "
+            "Table 5 changes beside them (its ROS divided by ln 10). Whether smoothing after block 1 is the most "
+            "stable is decided in the preset sections below (claims \"Table 5: smoothing after block 1 ...\").", "",
+            "| preset | placement | model | natural / PGD acc | Gini - N | paper | log10 ROS - N | paper |",
+            "|---|---|---|---|---|---|---|---|", *rows, ""]
 
 
 def _recipe_id(table: dict, arm: str, seed: int) -> str:
@@ -378,6 +426,49 @@ def write_leaderboard(dataset: str, *, results_root: Path | None = None, out_dir
     md = pattern_markdown(dataset, results, tables["comparisons"], tables["variants"])
     atomic_write_bytes(paths["pattern"], md.encode())
     return paths
+
+
+# README sections that quote a generated table: (dataset, heading in <dataset>_pattern.md, README marker)
+README_QUOTES = (("fmnist", GLANCE_HEADING, "fmnist-glance"), ("cifar10", PLACEMENT_HEADING, "cifar10-placement"))
+
+
+def pattern_section_table(pattern_md: str, heading: str) -> list[str]:
+    """The table lines (``|...``) of one ``## `` section of a pattern file; [] if it has none."""
+    if heading not in pattern_md:
+        return []
+    section = pattern_md.split(heading, 1)[1].split("\n## ", 1)[0]
+    return [line for line in section.splitlines() if line.startswith("|")]
+
+
+def readme_quote(readme: str, marker: str) -> list[str] | None:
+    """The table lines the README holds between ``<!-- BEGIN marker ...-->`` and ``<!-- END marker -->``."""
+    begin, end = f"<!-- BEGIN {marker}", f"<!-- END {marker} -->"
+    if begin not in readme or end not in readme:
+        return None
+    return [line for line in readme.split(begin, 1)[1].split(end, 1)[0].splitlines() if line.startswith("|")]
+
+
+def sync_readme_quotes(readme_path: Path, boards: Path | None = None) -> list[str]:
+    """Rewrite the README's quoted tables (``README_QUOTES``) from the committed pattern files,
+    atomically; returns the markers it changed. ``make readme-tables`` runs it after a board regeneration."""
+    boards = boards or leaderboards_dir()
+    text = readme_path.read_text()
+    changed = []
+    for dataset, heading, marker in README_QUOTES:
+        pattern = boards / f"{dataset}_pattern.md"
+        table = pattern_section_table(pattern.read_text(), heading) if pattern.is_file() else []
+        quoted = readme_quote(text, marker)
+        if quoted is None or not table or quoted == table:
+            continue
+        begin, end = f"<!-- BEGIN {marker}", f"<!-- END {marker} -->"
+        head, rest = text.split(begin, 1)
+        begin_line, _ = rest.split("\n", 1)
+        tail = rest.split(end, 1)[1]
+        text = head + begin + begin_line + "\n" + "\n".join(table) + "\n" + end + tail
+        changed.append(marker)
+    if changed:
+        atomic_write_bytes(readme_path, text.encode())
+    return changed
 
 
 def markdown_table(df: pd.DataFrame) -> str:

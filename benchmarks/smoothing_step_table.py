@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 from salbench.model_zoo.architectures import build
 from salbench.model_zoo.attacks import pgd_linf
+from salbench.model_zoo import native
 from salbench.model_zoo.smoothing import SmoothBlock
 
 REPO = Path(__file__).resolve().parent.parent
@@ -243,6 +244,9 @@ def main(argv=None) -> int:
         cmd = ".venv/bin/python benchmarks/smoothing_step_table.py --write-doc"
         if args.archs != list(SETUPS):
             cmd += " --archs " + " ".join(args.archs)
+        for arch in args.archs:
+            if budgets[arch] != ap.get_default(f"budget_{arch}"):
+                cmd += f" --budget-{arch} {budgets[arch]:g}"
         a_check = "; ".join(f"{arch}: {res.ratio(('A', 'reference')):.2f}x vs {res.ratio(('A', 'new')):.2f}x"
                             for arch, res in results.items())
         body = (
@@ -252,7 +256,9 @@ def main(argv=None) -> int:
             "same machine in the same round. *Old path*: `SmoothBlock.forward` as before 3315f5e, "
             "`x + mix(smooth_reference(x))` (reflect pad + depthwise 3x3 conv; median by unfold + sort; "
             "1x1 conv). *New path*: the committed `SmoothBlock.forward` (banded matmuls B_h @ x @ B_w^T; "
-            "selection-network median with its own backward; 1x1 mixing as a matmul for maps <= 256 pixels). "
+            "median by a fused C kernel (`model_zoo/smoothing_kernels.c`, a selection network and the stable-sort "
+            f"gradient routing in one pass; this run: {native.status()}); 1x1 mixing as a matmul for maps <= 256 "
+            "pixels). "
             "Ratios are medians over interleaved rounds of t(variant) / t(A of the same round); the step "
             "times are medians too.\n\n"
             + md + "\n\n"

@@ -1,6 +1,6 @@
 """Optional native kernels, built on first use with the system C compiler (no torch headers).
 
-The M2 SmoothBlock's 3x3 median (``median3x3.c``) is a fused C loop: one pass reads the nine
+The M2 SmoothBlock's 3x3 median (``smoothing_kernels.c``) is a fused C loop: one pass reads the nine
 neighbours once and writes the median and the neighbour its gradient goes to, where the pure-torch
 path makes ~110 element-wise passes over the map (docs/performance/smoothblock.md). Its results are
 bit-identical to the torch path (tests/model_zoo/test_smoothing.py), so a machine without a
@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-_SOURCE = Path(__file__).with_name("median3x3.c")
+_SOURCE = Path(__file__).with_name("smoothing_kernels.c")
 _FLAGS = ["-O3", "-std=c99", "-shared", "-fPIC"]
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -56,7 +56,7 @@ def _build() -> ctypes.CDLL:
         raise RuntimeError("no C compiler found (tried $CC, cc, gcc, clang)")
     key = hashlib.sha256(source + " ".join([cc, *_FLAGS, sys.platform]).encode()).hexdigest()[:16]
     suffix = ".dll" if sys.platform == "win32" else ".so"
-    target = _cache_dir() / f"median3x3-{key}{suffix}"
+    target = _cache_dir() / f"smoothing_kernels-{key}{suffix}"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
@@ -129,3 +129,4 @@ def median3x3_backward(grad: Tensor, which: Tensor) -> Tensor:
     gp = torch.empty(*which.shape[:-2], h + 2, w + 2, dtype=grad.dtype)
     lib.median3x3_backward(grad.data_ptr(), which.data_ptr(), gp.data_ptr(), planes, h, w)
     return gp
+

@@ -79,7 +79,7 @@ class _Median3x3(torch.autograd.Function):
     ``unfold`` + ``sort`` on CPU does. Ties are common on real inputs (a constant background
     gives exact plateaus), so the choice matters for the gradient, not for the value.
 
-    On CPU float32 maps both directions run as one fused C loop (``model_zoo/median3x3.c``, built
+    On CPU float32 maps both directions run as one fused C loop (``model_zoo/smoothing_kernels.c``, built
     on first use by :mod:`native`), bit-identical to the torch path used everywhere else.
     """
 

@@ -93,20 +93,36 @@ def test_every_committed_board_file_regenerates_from_the_stored_results(path: Pa
         assert a == b or _same_up_to_float_rounding(a, b), f"{committed.name} differs from its regeneration"
 
 
-def test_readme_quotes_the_generated_fmnist_claims_at_a_glance():
-    """The README's claims table is the "At a glance" table of the committed fmnist_pattern.md (which
-    the test above regenerates from the stored results), line for line."""
-    from salbench.benchmark.leaderboard import GLANCE_HEADING
+@pytest.mark.parametrize("dataset, heading_name, marker", [
+    ("fmnist", "GLANCE_HEADING", "fmnist-glance"), ("cifar10", "PLACEMENT_HEADING", "cifar10-placement")])
+def test_readme_quotes_the_generated_tables(dataset, heading_name, marker):
+    """The README's claims table ("At a glance", FMNIST) and its placement table (Table 5, CIFAR-10) are
+    those of the committed pattern files (which the test above regenerates from the stored results),
+    line for line."""
+    from salbench.benchmark import leaderboard as L
 
+    assert (dataset, getattr(L, heading_name), marker) in L.README_QUOTES
     root = Path(__file__).resolve().parents[2]
-    pattern = (DEFAULT_LEADERBOARDS_DIR / "fmnist_pattern.md").read_text()
-    section = pattern.split(GLANCE_HEADING, 1)[1].split("\n## ", 1)[0]
-    table = [line for line in section.splitlines() if line.startswith("|")]
-    readme = (root / "README.md").read_text()
-    begin, end = "<!-- BEGIN fmnist-glance", "<!-- END fmnist-glance -->"
-    assert begin in readme and end in readme, "README lacks the fmnist claims table markers"
-    quoted = [line for line in readme.split(begin, 1)[1].split(end, 1)[0].splitlines() if line.startswith("|")]
+    table = L.pattern_section_table((DEFAULT_LEADERBOARDS_DIR / f"{dataset}_pattern.md").read_text(),
+                                    getattr(L, heading_name))
+    quoted = L.readme_quote((root / "README.md").read_text(), marker)
+    if not table:
+        pytest.skip(f"{dataset}_pattern.md has no {getattr(L, heading_name)!r} section yet")
+    assert quoted is not None, f"README lacks the <!-- BEGIN {marker} --> / <!-- END {marker} --> markers"
     assert len(table) > 2
     assert quoted == table, (
-        "README's claims table differs from leaderboards/fmnist_pattern.md 'At a glance': copy the table "
-        "from there between the fmnist-glance markers")
+        f"README's {marker} table differs from leaderboards/{dataset}_pattern.md: run `make readme-tables`")
+
+
+def test_sync_readme_quotes_rewrites_only_the_marked_table(tmp_path):
+    from salbench.benchmark.leaderboard import GLANCE_HEADING, sync_readme_quotes
+
+    boards = tmp_path / "boards"
+    boards.mkdir()
+    (boards / "fmnist_pattern.md").write_text(f"# x\n\n{GLANCE_HEADING}\n\ntext\n\n| a | b |\n|---|---|\n| 1 | 2 |\n\n## next\n| z |\n")
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- BEGIN fmnist-glance (copy) -->\n| old |\n<!-- END fmnist-glance -->\nafter | x\n")
+    assert sync_readme_quotes(readme, boards) == ["fmnist-glance"]
+    assert readme.read_text() == ("intro\n<!-- BEGIN fmnist-glance (copy) -->\n| a | b |\n|---|---|\n| 1 | 2 |\n"
+                                  "<!-- END fmnist-glance -->\nafter | x\n")
+    assert sync_readme_quotes(readme, boards) == []  # already in sync

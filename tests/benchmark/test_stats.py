@@ -178,6 +178,38 @@ def test_a_preset_without_its_own_n_borrows_an_identically_trained_one():
     assert "N is shared" not in md.split("## preset `paper-10ep`")[1]
 
 
+def test_placement_table_reports_table5_changes_against_n():
+    """Paper Table 5: G at each placement minus N (VG Gini, log10 ROS) with the paper's changes; the
+    ordering claim (block 1 most stable) is decided in the preset section."""
+    from salbench.benchmark.leaderboard import PLACEMENT_HEADING, comparisons_table, pattern_markdown
+
+    def c(mid, variant, placement=None, shift=0.0):
+        r = _result(mid, variant, "cpu-resnet8", seed_shift=shift,
+                    smoothing=None if placement is None else {"filter": "gaussian", "placement": placement})
+        r["model"]["dataset"] = "cifar10"
+        return r
+
+    rs = [c("c-N", "N"), c("c-A", "A", shift=0.05), c("c-G", "G", 1, shift=0.06), c("c-G-p2", "G", 2, shift=0.07)]
+    claim_pairs = tuple(dict.fromkeys((cl.model, cl.reference) for cl in C.claims_for("cifar10")))
+    table = comparisons_table(rs, extra=claim_pairs)
+    assert {("c-G-p2", "c-N"), ("c-G", "c-N"), ("c-G", "c-G-p2")} <= set(zip(table["model"], table["reference"]))
+    md = pattern_markdown("cifar10", rs, table, variants_table(leaderboard_tables(rs, stats=False)["main"]))
+    section = md.split(PLACEMENT_HEADING)[1].split("\n## ")[0]
+    rows = [line for line in section.splitlines() if line.startswith("| `cpu-resnet8`")]
+    assert [r.split(" | ")[1] for r in rows] == ["after block 1", "after block 2"]
+    g_p2 = table[(table["model"] == "c-G-p2") & (table["reference"] == "c-N") & (table["metric"] == "gini")]
+    assert f"{g_p2['delta'].iloc[0]:+.4f}" in rows[1] and "+0.180" in rows[1]  # ours, and the paper's 0.18
+    assert f"{0.23 / math.log(10):+.3f}" in rows[1]  # the paper's ROS change in log10 units
+    assert "80.0% / 60.0%" in rows[0]
+    assert "Table 5: smoothing after block 1 is the most stable (ROS G < G@p2)" in md
+    glance = md.split("## At a glance")[1].split("\n## ")[0]
+    assert "Table 5" not in glance  # the glance table keeps the paper's central claims only
+    # with one placement there is no ablation to show
+    md1 = pattern_markdown("cifar10", rs[:3], comparisons_table(rs[:3], extra=claim_pairs),
+                           variants_table(leaderboard_tables(rs[:3], stats=False)["main"]))
+    assert PLACEMENT_HEADING not in md1
+
+
 def test_variants_table_spreads_over_seeds():
     rs = [_result("d-A-p", "A"), _result("d-A-p-s1", "A", seed_shift=0.1), _result("d-A-p-s2", "A", seed_shift=0.2)]
     main = leaderboard_tables(rs)["main"]

@@ -230,4 +230,4 @@ def test_native_build_goes_to_the_cache_atomically(monkeypatch, tmp_path):
     monkeypatch.setenv("SALBENCH_NATIVE_CACHE", str(tmp_path))
     assert native.status() == "native"
     built = list(tmp_path.iterdir())
-    assert len(built) == 1 and built[0].name.startswith("median3x3-")  # no temporary left behind
+    assert len(built) == 1 and built[0].name.startswith("smoothing_kernels-")  # no temporary left behind

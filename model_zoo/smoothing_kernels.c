@@ -1,4 +1,4 @@
-/* Fused 3x3 median for the M2 SmoothBlock (model_zoo/smoothing.py, _Median3x3).
+/* Fused kernels of the SmoothBlock (model_zoo/smoothing.py): the M2 3x3 median.
  *
  * Built on first use by model_zoo/native.py with the system C compiler into a per-user cache and
  * called through ctypes on the raw float32 buffers of contiguous CPU tensors; no torch headers.
@@ -99,3 +99,4 @@ void median3x3_backward(const float *grad, const uint8_t *which, float *gp, int6
         }
     }
 }
+
