@@ -9,11 +9,13 @@ the logits under small uniform perturbations (Agarwal et al. 2022, as computed b
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Callable, Literal, NamedTuple, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from salbench.metrics._native import F64, I64, P, NativeLibrary
 from salbench.metrics._validation import (
     EvalMode,
     check_finite,
@@ -51,6 +53,11 @@ __all__ = ["ssim", "SSIMUnderNoise", "ssim_under_noise", "relative_output_stabil
 #: pairs on the 2-core machine, ~20% faster than 2^18), on GPUs large enough to fill the device.
 _SSIM_CHUNK_ELEMENTS = {"cpu": 1 << 16}
 _SSIM_CHUNK_ELEMENTS_DEFAULT = 1 << 26
+#: float32 CPU maps go through a C kernel (``ssim_kernel.c``, built on first use; about 3x faster
+#: than the torch path on the 2-core machine, docs/performance.md); everything else, or a machine
+#: without a C compiler, takes the torch path below. Both agree to float64 rounding.
+SSIM_NATIVE = NativeLibrary(Path(__file__).with_name("ssim_kernel.c"),
+                            {"ssim_stack": ([P, P, P, I64, I64, I64, I64, I64, F64, F64, P], None)})
 
 
 def ssim(a: Tensor, b: Tensor, data_range: float = SSIM_DATA_RANGE, win_size: int = SSIM_WIN_SIZE) -> Tensor:
@@ -110,6 +117,35 @@ def ssim(a: Tensor, b: Tensor, data_range: float = SSIM_DATA_RANGE, win_size: in
         raise ValueError(f"data_range must be a positive finite number, got {data_range!r}")
 
     bs = b if stacked else b.unsqueeze(0)
+    if _native_ssim_ok(a, bs):
+        out = _ssim_native(a, bs, data_range, win_size).to(a.dtype)
+        return out if stacked else out[0]
+    out = _ssim_torch(a, bs, data_range, win_size).to(a.dtype)
+    return out if stacked else out[0]
+
+
+def _native_ssim_ok(a: Tensor, bs: Tensor) -> bool:
+    return (a.device.type == "cpu" and a.dtype == torch.float32 and bs.dtype == torch.float32
+            and bs.device.type == "cpu" and SSIM_NATIVE.library() is not None)
+
+
+def _ssim_native(a: Tensor, bs: Tensor, data_range: float, win_size: int) -> Tensor:
+    """(S, B) float64 SSIM of float32 CPU maps ``a`` (B, H, W) with each of ``bs`` (S, B, H, W), in C."""
+    a, bs = a.contiguous(), bs.contiguous()
+    n_b, batch, height, width = bs.shape
+    n = win_size * win_size
+    vh, vw = height - win_size + 1, width - win_size + 1
+    out = torch.empty(n_b, batch, dtype=torch.float64)
+    work = torch.empty(3 * height * vw + 5 * vh * vw, dtype=torch.float64)
+    SSIM_NATIVE.library().ssim_stack(a.data_ptr(), bs.data_ptr(), out.data_ptr(), n_b, batch, height, width,
+                                     win_size, (SSIM_K1 * data_range * n) ** 2, (SSIM_K2 * data_range * n) ** 2,
+                                     work.data_ptr())
+    return out
+
+
+def _ssim_torch(a: Tensor, bs: Tensor, data_range: float, win_size: int) -> Tensor:
+    """(S, B) float64 SSIM of ``a`` (B, H, W) with each of ``bs`` (S, B, H, W), in torch (any
+    device and dtype), chunked so that the float64 planes stay in cache on CPU."""
     n_b = bs.shape[0]
     batch, height, width = a.shape
     planes = 1 + 3 * n_b  # x, then (y, x^2 + y^2, x y) per compared batch
@@ -122,8 +158,7 @@ def ssim(a: Tensor, b: Tensor, data_range: float = SSIM_DATA_RANGE, win_size: in
     for start in range(0, batch, chunk):
         sl = slice(start, start + chunk)
         out[:, sl] = _ssim_chunk(a[sl], bs[:, sl], data_range, win_size, buf)
-    out = out.to(a.dtype)
-    return out if stacked else out[0]
+    return out
 
 
 def _window_sums(flat: Tensor, win: int, step: int, length: int) -> Tensor:

@@ -1,102 +1,37 @@
-"""Optional native kernels, built on first use with the system C compiler (no torch headers).
+"""Optional native kernel of the M2 SmoothBlock, built on first use with the system C compiler.
 
-The M2 SmoothBlock's 3x3 median (``smoothing_kernels.c``) is a fused C loop: one pass reads the nine
-neighbours once and writes the median and the neighbour its gradient goes to, where the pure-torch
-path makes ~110 element-wise passes over the map (docs/performance/smoothblock.md). Its results are
-bit-identical to the torch path (tests/model_zoo/test_smoothing.py), so a machine without a
-compiler gets the same numbers, only slower.
-
-The library is compiled once per source version into ``$SALBENCH_NATIVE_CACHE`` (default
-``~/.cache/salbench/native``), written atomically, and loaded with ``ctypes``. Set
-``SALBENCH_NATIVE=0`` to force the torch path. If compiling or loading fails, the torch path is
-used and :func:`status` says why.
+The 3x3 median (``smoothing_kernels.c``) is a fused C loop: one pass reads the nine neighbours once
+and writes the median and the neighbour its gradient goes to, where the pure-torch path makes ~110
+element-wise passes over the map (docs/performance/smoothblock.md). Its results are bit-identical
+to the torch path (tests/model_zoo/test_smoothing.py), so a machine without a compiler gets the
+same numbers, only slower. Building, caching and the fallback rules: ``salbench.metrics._native``
+(``SALBENCH_NATIVE=0`` forces the torch path; :func:`status` says which path runs and why).
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import shutil
-import subprocess
-import sys
-import tempfile
-import threading
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-_SOURCE = Path(__file__).with_name("smoothing_kernels.c")
-_FLAGS = ["-O3", "-std=c99", "-shared", "-fPIC"]
-_lock = threading.Lock()
-_lib: ctypes.CDLL | None = None
-_status: str = "not built yet"
-_tried = False
+from salbench.metrics._native import I64, P, NativeLibrary
 
-
-def _cache_dir() -> Path:
-    env = os.environ.get("SALBENCH_NATIVE_CACHE")
-    if env:
-        return Path(env)
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "salbench" / "native"
-
-
-def _compiler() -> str | None:
-    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
-        if name and shutil.which(name):
-            return name
-    return None
-
-
-def _build() -> ctypes.CDLL:
-    source = _SOURCE.read_bytes()
-    cc = _compiler()
-    if cc is None:
-        raise RuntimeError("no C compiler found (tried $CC, cc, gcc, clang)")
-    key = hashlib.sha256(source + " ".join([cc, *_FLAGS, sys.platform]).encode()).hexdigest()[:16]
-    suffix = ".dll" if sys.platform == "win32" else ".so"
-    target = _cache_dir() / f"smoothing_kernels-{key}{suffix}"
-    if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-            out = Path(tmp) / target.name
-            proc = subprocess.run([cc, *_FLAGS, str(_SOURCE), "-o", str(out)], capture_output=True, text=True)
-            if proc.returncode != 0:
-                raise RuntimeError(f"{cc} failed to build {_SOURCE.name}: {proc.stderr.strip()[:500]}")
-            os.replace(out, target)  # atomic: a concurrent process sees no library or a whole one
-    lib = ctypes.CDLL(str(target))
-    i64, p = ctypes.c_int64, ctypes.c_void_p
-    lib.median3x3_forward.argtypes = [p, p, p, i64, i64, i64]
-    lib.median3x3_forward.restype = ctypes.c_int
-    lib.median3x3_backward.argtypes = [p, p, p, i64, i64, i64]
-    lib.median3x3_backward.restype = None
-    return lib
+LIBRARY = NativeLibrary(Path(__file__).with_name("smoothing_kernels.c"), {
+    "median3x3_forward": ([P, P, P, I64, I64, I64], ctypes.c_int),
+    "median3x3_backward": ([P, P, P, I64, I64, I64], None),
+})
 
 
 def library() -> ctypes.CDLL | None:
     """The loaded native library, or ``None`` (disabled, no compiler, build failed)."""
-    global _lib, _status, _tried
-    if _tried:
-        return _lib
-    with _lock:
-        if not _tried:
-            if os.environ.get("SALBENCH_NATIVE", "1") == "0":
-                _status = "disabled by SALBENCH_NATIVE=0"
-            else:
-                try:
-                    _lib = _build()
-                    _status = "native"
-                except Exception as exc:  # any failure falls back to the (equal, slower) torch path
-                    _lib, _status = None, f"torch path: {exc}"
-            _tried = True
-    return _lib
+    return LIBRARY.library()
 
 
 def status() -> str:
-    """``"native"`` when the C kernels are in use, else why not."""
-    library()
-    return _status
+    """``"native"`` when the C kernel is in use, else why not."""
+    return LIBRARY.status()
 
 
 def usable(x: Tensor) -> bool:
@@ -129,4 +64,3 @@ def median3x3_backward(grad: Tensor, which: Tensor) -> Tensor:
     gp = torch.empty(*which.shape[:-2], h + 2, w + 2, dtype=grad.dtype)
     lib.median3x3_backward(grad.data_ptr(), which.data_ptr(), gp.data_ptr(), planes, h, w)
     return gp
-

@@ -37,9 +37,22 @@ def _skimage_ssim(a: torch.Tensor, b: torch.Tensor, data_range=2.0, win_size=5) 
 # --------------------------------------------------------------------------------------- ssim
 
 
+@pytest.fixture(params=["native", "torch"])
+def ssim_path(request, monkeypatch):
+    """float32 CPU maps through the C kernel, and (forced) through the torch path."""
+    from salbench.metrics import stability
+
+    if request.param == "native":
+        if stability.SSIM_NATIVE.status() != "native":
+            pytest.skip(f"SSIM C kernel not available: {stability.SSIM_NATIVE.status()}")
+    else:
+        monkeypatch.setattr(stability, "_native_ssim_ok", lambda a, bs: False)
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape", [(6, 28, 28), (3, 17, 23), (2, 5, 5), (2, 64, 40)])
-def test_ssim_matches_skimage_on_random_maps(dtype, shape):
+def test_ssim_matches_skimage_on_random_maps(dtype, shape, ssim_path):
     g = torch.Generator().manual_seed(sum(shape))
     a = torch.randn(shape, generator=g, dtype=dtype)
     b = a + 0.5 * torch.randn(shape, generator=g, dtype=dtype)
@@ -49,7 +62,7 @@ def test_ssim_matches_skimage_on_random_maps(dtype, shape):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_ssim_matches_skimage_on_real_saliency_maps(dtype, lenet, fmnist_test, vg_maps, ig_maps):
+def test_ssim_matches_skimage_on_real_saliency_maps(dtype, lenet, fmnist_test, vg_maps, ig_maps, ssim_path):
     x, y = fmnist_test[0][:40], fmnist_test[1][:40]
     noisy = (x + 0.1 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
     pairs = [
@@ -92,7 +105,7 @@ def test_ssim_is_per_pair():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_ssim_of_a_stack_matches_skimage_pair_by_pair(dtype, lenet, fmnist_test, vg_maps):
+def test_ssim_of_a_stack_matches_skimage_pair_by_pair(dtype, lenet, fmnist_test, vg_maps, ssim_path):
     # b (S, B, H, W): each batch compared with a, a's window sums shared; the chunking must not matter
     x, y = fmnist_test[0][:30], fmnist_test[1][:30]
     g = torch.Generator().manual_seed(2)
@@ -113,6 +126,29 @@ def test_ssim_of_a_stack_matches_skimage_pair_by_pair(dtype, lenet, fmnist_test,
         torch.testing.assert_close(ssim(a, stack), got, atol=1e-12, rtol=0)
     finally:
         stability._SSIM_CHUNK_ELEMENTS = old
+
+
+@pytest.mark.parametrize("shape, win_size, data_range", [
+    ((7, 28, 28), 5, 2.0), ((3, 17, 23), 3, 1.0), ((2, 64, 40), 11, 0.5), ((4, 7, 7), 7, 2.0), ((1, 5, 9), 5, 3.0)])
+def test_ssim_c_kernel_equals_the_torch_path(shape, win_size, data_range):
+    """The C kernel and the torch path compute the same float64 sums up to rounding (1e-12), on
+    smooth, noisy, constant and anti-correlated pairs, S = 3 stacked."""
+    from salbench.metrics import stability
+
+    if stability.SSIM_NATIVE.status() != "native":
+        pytest.skip(f"SSIM C kernel not available: {stability.SSIM_NATIVE.status()}")
+    g = torch.Generator().manual_seed(sum(shape) + win_size)
+    a = torch.randn(shape, generator=g)
+    a[0] = 0.25  # a constant map
+    bs = torch.stack([a + 0.3 * torch.randn(shape, generator=g), -a, torch.rand(shape, generator=g)])
+    native = stability._ssim_native(a, bs, data_range, win_size)
+    reference = stability._ssim_torch(a, bs, data_range, win_size)
+    assert native.dtype == reference.dtype == torch.float64 and native.shape == (3, shape[0])
+    torch.testing.assert_close(native, reference, atol=1e-12, rtol=0)
+    # non-contiguous inputs are copied, not misread
+    torch.testing.assert_close(stability._ssim_native(a.transpose(1, 2), bs.transpose(2, 3), data_range, win_size),
+                               stability._ssim_torch(a.transpose(1, 2), bs.transpose(2, 3), data_range, win_size),
+                               atol=1e-12, rtol=0)
 
 
 @pytest.mark.parametrize(

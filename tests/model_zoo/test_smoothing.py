@@ -203,9 +203,17 @@ def test_native_median_hands_a_nan_map_to_the_torch_path():
     assert torch.equal(out.isnan(), ref.isnan()) and out.isnan().any()
 
 
-def test_native_can_be_disabled_and_reports_why(monkeypatch, tmp_path):
-    monkeypatch.setattr(native, "_tried", False)
-    monkeypatch.setattr(native, "_lib", None)
+@pytest.fixture
+def fresh_native(monkeypatch, tmp_path):
+    """The median library forgotten, built anew under this test's settings, and restored after."""
+    native.LIBRARY.reset()
+    monkeypatch.setenv("SALBENCH_NATIVE_CACHE", str(tmp_path))
+    yield tmp_path
+    monkeypatch.undo()
+    native.LIBRARY.reset()
+
+
+def test_native_can_be_disabled_and_reports_why(monkeypatch, fresh_native):
     monkeypatch.setenv("SALBENCH_NATIVE", "0")
     assert native.status() == "disabled by SALBENCH_NATIVE=0"
     assert not native.usable(torch.zeros(3, 3))
@@ -214,20 +222,31 @@ def test_native_can_be_disabled_and_reports_why(monkeypatch, tmp_path):
                                rtol=0, atol=0)
 
 
-def test_native_without_a_compiler_falls_back(monkeypatch, tmp_path):
-    monkeypatch.setattr(native, "_tried", False)
-    monkeypatch.setattr(native, "_lib", None)
-    monkeypatch.setenv("SALBENCH_NATIVE_CACHE", str(tmp_path))
-    monkeypatch.setattr(native, "_compiler", lambda: None)
+def test_native_without_a_compiler_falls_back(monkeypatch, fresh_native):
+    from salbench.metrics import _native
+
+    monkeypatch.setattr(_native, "compiler", lambda: None)
     assert native.status().startswith("torch path: no C compiler found")
     assert native.library() is None
 
 
 @needs_native
-def test_native_build_goes_to_the_cache_atomically(monkeypatch, tmp_path):
-    monkeypatch.setattr(native, "_tried", False)
-    monkeypatch.setattr(native, "_lib", None)
-    monkeypatch.setenv("SALBENCH_NATIVE_CACHE", str(tmp_path))
+def test_native_build_goes_to_the_cache_atomically(fresh_native):
     assert native.status() == "native"
-    built = list(tmp_path.iterdir())
+    built = list(fresh_native.iterdir())
     assert len(built) == 1 and built[0].name.startswith("smoothing_kernels-")  # no temporary left behind
+
+
+@needs_native
+def test_native_build_falls_back_to_untuned_flags(monkeypatch, fresh_native):
+    """A compiler that refuses -march=native still gets an (untuned) library."""
+    from salbench.metrics import _native
+
+    real = _native.NativeLibrary._compile
+
+    def refuse_native(self, cc, flags, target):
+        return "unknown option -march=native" if "-march=native" in flags else real(self, cc, flags, target)
+
+    monkeypatch.setattr(_native.NativeLibrary, "_compile", refuse_native)
+    assert native.status() == "native"
+    assert len(list(fresh_native.iterdir())) == 1
