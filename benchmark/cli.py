@@ -97,10 +97,16 @@ def cmd_zoo_list(args) -> int:
     if not cards:
         print("no zoo cards" + (f" for {args.dataset}" if args.dataset else ""))
         return EXIT_OK
-    print(f"{'id':40s} {'variant':7s} {'preset':12s} {'natural':>8s} {'robust':>8s} {'params':>9s}")
+    print(f"{'id':40s} {'variant':7s} {'preset':12s} {'natural':>8s} {'PGD':>8s} {'AutoAtt':>8s} {'PGD-AA':>8s} "
+          f"{'params':>9s}")
     for c in cards:
+        aa = c.get("autoattack") if isinstance(c.get("autoattack"), dict) else None
+        aa_txt = f"{aa['robust_accuracy']:8.4f}" if aa else f"{'-':>8s}"
+        gap_txt = f"{c['robust_accuracy'] - aa['robust_accuracy']:+8.4f}" if aa else f"{'-':>8s}"
         print(f"{c['id']:40s} {c['variant']:7s} {c['preset']:12s} {c['natural_accuracy']:8.4f} "
-              f"{c['robust_accuracy']:8.4f} {c['num_params']:9d}")
+              f"{c['robust_accuracy']:8.4f} {aa_txt} {gap_txt} {c['num_params']:9d}")
+    if any(not isinstance(c.get("autoattack"), dict) for c in cards):
+        print("-: no AutoAttack yet (salbench zoo autoattack --dataset D adds it)")
     return EXIT_OK
 
 

@@ -42,3 +42,19 @@ def test_errors_carry_no_ansi_codes(capsys, monkeypatch):
     assert cli.main(["zoo", "presets"]) == cli.EXIT_BAD_INPUT
     err = capsys.readouterr().err
     assert "bad thing happened" in err and "\x1b" not in err
+
+
+def test_zoo_list_shows_autoattack_and_the_pgd_gap(capsys, monkeypatch):
+    """Issue 11: every card's AutoAttack robust accuracy beside PGD, with the PGD - AutoAttack gap."""
+    from salbench.model_zoo import zoo
+
+    cards = [{"id": "x-A", "variant": "A", "preset": "p", "natural_accuracy": 0.8, "robust_accuracy": 0.62,
+              "num_params": 10, "autoattack": {"robust_accuracy": 0.59}},
+             {"id": "x-G", "variant": "G", "preset": "p", "natural_accuracy": 0.8, "robust_accuracy": 0.6,
+              "num_params": 12}]
+    monkeypatch.setattr(zoo, "list_cards", lambda dataset=None, cards_dir=None: cards)
+    assert cli.main(["zoo", "list"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert "AutoAtt" in out[0] and "PGD-AA" in out[0]
+    assert out[1].split()[-3:] == ["0.5900", "+0.0300", "10"]
+    assert out[2].split()[-3:] == ["-", "-", "12"] and "no AutoAttack yet" in out[3]
