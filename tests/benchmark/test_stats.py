@@ -210,6 +210,19 @@ def test_placement_table_reports_table5_changes_against_n():
     assert PLACEMENT_HEADING not in md1
 
 
+def test_glance_table_has_no_column_for_a_seed_without_a_model_pair():
+    """An N trained for a new seed before its A and G makes no (empty) column in "At a glance"."""
+    from salbench.benchmark.leaderboard import comparisons_table, pattern_markdown
+
+    rs = [_result("d-N-p", "N"), _result("d-A-p", "A"), _result("d-G-p", "G"), _result("d-N-p-s2", "N")]
+    for r in rs:
+        r["model"]["dataset"] = "fmnist"
+    rs[-1]["model"]["id"] = "d-N-p-s2"
+    md = pattern_markdown("fmnist", rs, comparisons_table(rs), variants_table(leaderboard_tables(rs, stats=False)["main"]))
+    header = next(line for line in md.split("## At a glance")[1].splitlines() if line.startswith("| claim"))
+    assert header == "| claim | method | paper | `p` s0 |"
+
+
 def test_variants_table_spreads_over_seeds():
     rs = [_result("d-A-p", "A"), _result("d-A-p-s1", "A", seed_shift=0.1), _result("d-A-p-s2", "A", seed_shift=0.2)]
     main = leaderboard_tables(rs)["main"]
