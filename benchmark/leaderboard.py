@@ -225,7 +225,8 @@ def pattern_markdown(dataset: str, results: list[dict], comparisons: pd.DataFram
     """The paper's claims (:mod:`benchmark.claims`) decided per preset and seed pair."""
     arms: dict[str, dict[tuple[str, int], str]] = {}  # preset -> (arm, seed) -> id
     borrowed: dict[str, set[str]] = {}  # preset -> ids of models trained under another preset (a shared N)
-    for (preset, seed), group in zoo_groups(results).items():
+    groups = zoo_groups(results)
+    for (preset, seed), group in groups.items():
         for arm, r in group.items():
             arms.setdefault(preset, {})[(arm, seed)] = r["model"]["id"]
             if r["model"].get("preset") != preset:
@@ -243,7 +244,7 @@ def pattern_markdown(dataset: str, results: list[dict], comparisons: pd.DataFram
     cmp_idx = comparisons.set_index(["model", "reference", "method", "metric"])
     spread = variants.set_index(["recipe", "method", "metric"]) if not variants.empty else None
     lines += glance_table(dataset, arms, cmp_idx)
-    lines += placement_table(dataset, zoo_groups(results), cmp_idx)
+    lines += placement_table(dataset, groups, cmp_idx)
     for preset in sorted(p for p in arms if p):
         table = arms[preset]
         lines += [f"## preset `{preset}`", ""]
@@ -443,9 +444,13 @@ def pattern_section_table(pattern_md: str, heading: str) -> list[str]:
     return [line for line in section.splitlines() if line.startswith("|")]
 
 
+def _markers(marker: str) -> tuple[str, str]:
+    return f"<!-- BEGIN {marker}", f"<!-- END {marker} -->"
+
+
 def readme_quote(readme: str, marker: str) -> list[str] | None:
     """The table lines the README holds between ``<!-- BEGIN marker ...-->`` and ``<!-- END marker -->``."""
-    begin, end = f"<!-- BEGIN {marker}", f"<!-- END {marker} -->"
+    begin, end = _markers(marker)
     if begin not in readme or end not in readme:
         return None
     return [line for line in readme.split(begin, 1)[1].split(end, 1)[0].splitlines() if line.startswith("|")]
@@ -463,7 +468,7 @@ def sync_readme_quotes(readme_path: Path, boards: Path | None = None) -> list[st
         quoted = readme_quote(text, marker)
         if quoted is None or not table or quoted == table:
             continue
-        begin, end = f"<!-- BEGIN {marker}", f"<!-- END {marker} -->"
+        begin, end = _markers(marker)
         head, rest = text.split(begin, 1)
         begin_line, _ = rest.split("\n", 1)
         tail = rest.split(end, 1)[1]

@@ -117,10 +117,8 @@ def ssim(a: Tensor, b: Tensor, data_range: float = SSIM_DATA_RANGE, win_size: in
         raise ValueError(f"data_range must be a positive finite number, got {data_range!r}")
 
     bs = b if stacked else b.unsqueeze(0)
-    if _native_ssim_ok(a, bs):
-        out = _ssim_native(a, bs, data_range, win_size).to(a.dtype)
-        return out if stacked else out[0]
-    out = _ssim_torch(a, bs, data_range, win_size).to(a.dtype)
+    compute = _ssim_native if _native_ssim_ok(a, bs) else _ssim_torch
+    out = compute(a, bs, data_range, win_size).to(a.dtype)
     return out if stacked else out[0]
 
 
