@@ -27,10 +27,14 @@ residual bound, and 28x28 / 32x32 planes (FMNIST, CIFAR-10) always take plain CG
 
 from __future__ import annotations
 
+import ctypes
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from salbench.metrics._native import F64, I64, P, NativeLibrary
 from salbench.metrics.protocol import ROAD_NEIGHBOUR_WEIGHTS
 
 #: The stencil is scaled by this factor so that its weights are the integers of ``[1, 2, 1]^2``.
@@ -42,6 +46,17 @@ _CHECK_EVERY = 8
 #: Inner CG solves reduce the residual of a refinement round by this factor.
 _INNER_REDUCTION = 1e-4
 _MAX_ROUNDS = 12
+
+#: The same refinement + CG solve in C, one plane at a time in cache (``imputation_kernel.c``);
+#: used on CPU for the plain-CG planes, with the torch path as the fallback (metrics/_native.py).
+IMPUTATION_NATIVE = NativeLibrary(
+    Path(__file__).with_name("imputation_kernel.c"),
+    {"impute_planes": ([P, P, I64, I64, I64, F64, I64, I64, F64, P], I64)},
+)
+
+
+def _maxiter(height: int, width: int) -> int:
+    return 20 * (height + width) + 100
 
 
 def _check_weights() -> None:
@@ -316,7 +331,7 @@ def _solve_chunk(
     rhs = layout.stencil(layout.embed(known), n).mul_(mask)
     diag = layout.stencil(layout.embed(torch.ones_like(planes[:1])), 1) * mask
     scaled_tol = tol * _SCALE
-    maxiter = 20 * (height + width) + 100
+    maxiter = _maxiter(height, width)
     mask_w, diag_w = mask.to(work_dtype), diag.to(work_dtype)
     removed_w = removed.to(work_dtype) if multigrid else None
     out = torch.zeros_like(rhs)
@@ -359,6 +374,31 @@ def _solve_chunk(
     return torch.where(removed, layout.extract(out), planes)
 
 
+def _solve_native(planes: Tensor, removed: Tensor, tol: float) -> Tensor:
+    """:func:`_solve_chunk` (plain CG, float32 corrections) in C: (n, H, W) float64 CPU planes."""
+    out = planes.to(torch.float64, copy=True).contiguous()
+    mask = removed.to(torch.uint8).contiguous()  # held: the C call reads its memory
+    n, height, width = out.shape
+    worst = ctypes.c_double(0.0)
+    failed = IMPUTATION_NATIVE.library().impute_planes(
+        out.data_ptr(), mask.data_ptr(), n, height, width, tol, _MAX_ROUNDS,
+        _maxiter(height, width), _INNER_REDUCTION, ctypes.byref(worst),
+    )
+    if failed < 0:
+        raise MemoryError("noisy linear imputation: the C solver could not allocate its work buffers")
+    if failed:
+        raise RuntimeError(
+            f"noisy linear imputation did not converge: residual {worst.value:.3g} > tol {tol:.3g} after "
+            f"{_MAX_ROUNDS} refinement rounds"
+        )
+    return out
+
+
+def native_usable(x: Tensor, work_dtype: torch.dtype = torch.float32) -> bool:
+    """Does :func:`solve_imputation` take the C path for ``x``? (CPU, float32 corrections, library built.)"""
+    return x.device.type == "cpu" and work_dtype == torch.float32 and IMPUTATION_NATIVE.library() is not None
+
+
 def solve_imputation(
     x: Tensor,
     removed: Tensor,
@@ -385,8 +425,12 @@ def solve_imputation(
     order = torch.argsort(plane_mask.flatten(1).sum(1), stable=True)
     per_chunk = max(1, chunk_elements // ((height + 1) * (width + 1)))
     out = torch.empty_like(planes)
+    native = native_usable(x, work_dtype)
     for multigrid in (False, True):
         group = order[deep[order] == multigrid]
+        if native and not multigrid and group.numel():
+            out[group] = _solve_native(planes[group], plane_mask[group], tol).to(x.dtype)
+            continue
         for start in range(0, group.numel(), per_chunk):
             idx = group[start : start + per_chunk]
             out[idx] = _solve_chunk(planes[idx].to(torch.float64), plane_mask[idx], tol, work_dtype, multigrid).to(
