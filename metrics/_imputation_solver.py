@@ -23,6 +23,14 @@ operator rediscretised on coarser grids (a coarse cell is unknown when its four 
 cell-centred bilinear interpolation and its transpose, one damped Jacobi sweep before and after
 the coarse correction. Which solver runs is a speed decision only: both stop at the same float64
 residual bound, and 28x28 / 32x32 planes (FMNIST, CIFAR-10) always take plain CG.
+
+On CPU both solvers run in C when a compiler is at hand (``imputation_kernel.c``, built by
+:mod:`salbench.metrics._native`): the same refinement, CG and V-cycle with the same settings, one
+plane at a time so that its vectors stay in cache, with fused passes. The C and torch paths stop at
+the same residual bound, so they agree to the solve's tolerance, not bit for bit; ROAD's
+predictions on the zoo's images were identical on both (``benchmarks/road_native_equivalence.py``).
+The torch path serves GPUs, a float64 working precision, ``SALBENCH_NATIVE=0`` and machines
+without a compiler.
 """
 
 from __future__ import annotations
@@ -47,11 +55,11 @@ _CHECK_EVERY = 8
 _INNER_REDUCTION = 1e-4
 _MAX_ROUNDS = 12
 
-#: The same refinement + CG solve in C, one plane at a time in cache (``imputation_kernel.c``);
-#: used on CPU for the plain-CG planes, with the torch path as the fallback (metrics/_native.py).
+#: The same refinement + (multigrid-preconditioned) CG solve in C, one plane at a time in cache
+#: (``imputation_kernel.c``); used on CPU, with the torch path as the fallback (metrics/_native.py).
 IMPUTATION_NATIVE = NativeLibrary(
     Path(__file__).with_name("imputation_kernel.c"),
-    {"impute_planes": ([P, P, I64, I64, I64, F64, I64, I64, F64, P], I64)},
+    {"impute_planes": ([P, P, I64, I64, I64, F64, I64, I64, F64, I64, F64, I64, I64, I64, P], I64)},
 )
 
 
@@ -374,15 +382,17 @@ def _solve_chunk(
     return torch.where(removed, layout.extract(out), planes)
 
 
-def _solve_native(planes: Tensor, removed: Tensor, tol: float) -> Tensor:
-    """:func:`_solve_chunk` (plain CG, float32 corrections) in C: (n, H, W) float64 CPU planes."""
+def _solve_native(planes: Tensor, removed: Tensor, tol: float, multigrid: bool) -> Tensor:
+    """:func:`_solve_chunk` (float32 corrections by plain or multigrid-preconditioned CG) in C, one
+    plane at a time: (n, H, W) CPU planes, returned in float64."""
     out = planes.to(torch.float64, copy=True).contiguous()
     mask = removed.to(torch.uint8).contiguous()  # held: the C call reads its memory
     n, height, width = out.shape
     worst = ctypes.c_double(0.0)
     failed = IMPUTATION_NATIVE.library().impute_planes(
         out.data_ptr(), mask.data_ptr(), n, height, width, tol, _MAX_ROUNDS,
-        _maxiter(height, width), _INNER_REDUCTION, ctypes.byref(worst),
+        _MG_MAXITER if multigrid else _maxiter(height, width), _INNER_REDUCTION, int(multigrid),
+        _MG_OMEGA, _MG_SWEEPS, _MG_COARSE_SWEEPS, _MG_COARSEST, ctypes.byref(worst),
     )
     if failed < 0:
         raise MemoryError("noisy linear imputation: the C solver could not allocate its work buffers")
@@ -428,8 +438,8 @@ def solve_imputation(
     native = native_usable(x, work_dtype)
     for multigrid in (False, True):
         group = order[deep[order] == multigrid]
-        if native and not multigrid and group.numel():
-            out[group] = _solve_native(planes[group], plane_mask[group], tol).to(x.dtype)
+        if native and group.numel():
+            out[group] = _solve_native(planes[group], plane_mask[group], tol, multigrid).to(x.dtype)
             continue
         for start in range(0, group.numel(), per_chunk):
             idx = group[start : start + per_chunk]

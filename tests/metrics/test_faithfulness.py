@@ -193,8 +193,12 @@ def test_imputation_hand_cases(solver_path):
         _assert_matches_reference(xs, mask.view(shape[0], *shape[2:]))
 
 
-@pytest.mark.parametrize("shape", [(40, 1, 28, 28), (12, 3, 32, 32), (6, 2, 17, 23), (4, 1, 1, 9), (4, 3, 9, 1)])
-def test_native_solver_agrees_with_the_torch_path(shape, monkeypatch):
+@pytest.mark.parametrize(
+    "shape, clustered",
+    [((40, 1, 28, 28), False), ((12, 3, 32, 32), False), ((6, 2, 17, 23), False), ((4, 1, 1, 9), False),
+     ((4, 3, 9, 1), False), ((4, 3, 128, 96), True)],
+)
+def test_native_solver_agrees_with_the_torch_path(shape, clustered, monkeypatch):
     # the same refinement + CG to the same float64 residual bound (1e-9), in another order: both are
     # within ||A^-1|| * 1e-9 of the exact fill (||A^-1|| up to ~100 on these masks), so they agree
     # to 1e-7 in float64, and in float32 to a couple of ulps
@@ -204,7 +208,13 @@ def test_native_solver_agrees_with_the_torch_path(shape, monkeypatch):
     b, c, h, w = shape
     x = torch.rand(shape, generator=g, dtype=torch.float64)
     fractions = torch.linspace(0.0, 0.97, b)
-    mask = torch.stack([_top_k_mask(torch.rand(1, h, w, generator=g), float(f))[0] for f in fractions])
+    if clustered:  # large holes: the multigrid-preconditioned solver, in C and in torch
+        fractions = torch.linspace(0.5, 0.97, b)
+        scores = _smooth_field((b, h, w), 6)
+        mask = torch.stack([_top_k_mask(scores[i : i + 1], float(f))[0] for i, f in enumerate(fractions)])
+        assert _imputation_solver._has_deep_hole(mask, _imputation_solver._MG_MIN_DEPTH).any()
+    else:
+        mask = torch.stack([_top_k_mask(torch.rand(1, h, w, generator=g), float(f))[0] for f in fractions])
     assert _imputation_solver.native_usable(x)
     native = noisy_linear_imputation(x, mask, noise=0.0)
     monkeypatch.setattr(_imputation_solver, "native_usable", lambda x, work_dtype=None: False)
