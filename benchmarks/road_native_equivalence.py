@@ -104,6 +104,8 @@ def main() -> None:
         print(json.dumps(row), flush=True)
     loads.append(os.getloadavg()[0])
     lines = [
+        "## ROAD with the C imputation solver: the same predictions",
+        "",
         "Command: `SALBENCH_CIFAR10_DIR=../shared/data/cifar10 .venv/bin/python benchmarks/road_native_equivalence.py "
         f"--write-doc` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, one torch thread, 1-minute load "
         f"average {loads[0]:.1f} at the start and {loads[1]:.1f} at the end. ROAD alone (VG and IG maps "
