@@ -456,15 +456,43 @@ def readme_quote(readme: str, marker: str) -> list[str] | None:
     return [line for line in readme.split(begin, 1)[1].split(end, 1)[0].splitlines() if line.startswith("|")]
 
 
+def bench_ratio_table(bench_md: str) -> list[str]:
+    """The benchmark / ratio / target / met columns of ``docs/performance/bench.md``'s table."""
+    rows = [line for line in bench_md.splitlines() if line.startswith("|")][2:]
+    if not rows:
+        return []
+    out = ["| benchmark | ratio | target | met |", "|---|---|---|---|"]
+    for line in rows:
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        out.append(f"| {cells[0]} | {cells[3]} | {cells[4]} | {cells[5]} |")
+    return out
+
+
+#: Generated docs the README quotes in part: (path relative to the README, marker, the function
+#: that turns the doc into the quoted table lines).
+README_DOC_QUOTES = (("docs/performance/bench.md", "bench-ratios", bench_ratio_table),)
+
+
+def _readme_tables(readme_path: Path, boards: Path) -> list[tuple[str, list[str]]]:
+    """(marker, table lines) of every README quote, from the committed pattern files and docs."""
+    out = []
+    for dataset, heading, marker in README_QUOTES:
+        pattern = boards / f"{dataset}_pattern.md"
+        out.append((marker, pattern_section_table(pattern.read_text(), heading) if pattern.is_file() else []))
+    for rel, marker, extract in README_DOC_QUOTES:
+        doc = readme_path.parent / rel
+        out.append((marker, extract(doc.read_text()) if doc.is_file() else []))
+    return out
+
+
 def sync_readme_quotes(readme_path: Path, boards: Path | None = None) -> list[str]:
-    """Rewrite the README's quoted tables (``README_QUOTES``) from the committed pattern files,
-    atomically; returns the markers it changed. ``make readme-tables`` runs it after a board regeneration."""
+    """Rewrite the README's quoted tables (``README_QUOTES``, ``README_DOC_QUOTES``) from the committed
+    pattern files and docs, atomically; returns the markers it changed. ``make readme-tables`` runs it
+    after a board regeneration or a ``SALBENCH_BENCH_MD`` bench run."""
     boards = boards or leaderboards_dir()
     text = readme_path.read_text()
     changed = []
-    for dataset, heading, marker in README_QUOTES:
-        pattern = boards / f"{dataset}_pattern.md"
-        table = pattern_section_table(pattern.read_text(), heading) if pattern.is_file() else []
+    for marker, table in _readme_tables(readme_path, boards):
         quoted = readme_quote(text, marker)
         if quoted is None or not table or quoted == table:
             continue

@@ -133,7 +133,8 @@ def _markdown(command: str) -> str:
     for r in _RESULTS:
         met = "yes" if r["ratio"] >= r["target"] else "**no**"
         notes = "; ".join(f"{k}={v}" for k, v in r.items() if k not in ("name", "ours_s", "reference_s", "ratio", "target"))
-        lines.append(f"| {r['name']} | {r['ours_s']:.4g} | {r['reference_s']:.4g} | **{r['ratio']:.1f}x** | "
+        ratio = f"{r['ratio']:.2f}" if r["ratio"] < 10 else f"{r['ratio']:.1f}"
+        lines.append(f"| {r['name']} | {r['ours_s']:.4g} | {r['reference_s']:.4g} | **{ratio}x** | "
                      f"{r['target']:g}x | {met} | {notes} |")
     return "\n".join(lines) + "\n"
 

@@ -114,6 +114,27 @@ def test_readme_quotes_the_generated_tables(dataset, heading_name, marker):
         f"README's {marker} table differs from leaderboards/{dataset}_pattern.md: run `make readme-tables`")
 
 
+def test_readme_quotes_the_bench_ratios():
+    """The README's performance table is docs/performance/bench.md's ratios (``make readme-tables``)."""
+    from salbench.benchmark import leaderboard as L
+
+    root = Path(__file__).resolve().parents[2]
+    table = L.bench_ratio_table((root / "docs" / "performance" / "bench.md").read_text())
+    assert len(table) > 5 and table[0] == "| benchmark | ratio | target | met |"
+    assert L.readme_quote((root / "README.md").read_text(), "bench-ratios") == table, (
+        "README's bench-ratios table differs from docs/performance/bench.md: run `make readme-tables`")
+
+
+def test_bench_ratio_table_keeps_name_ratio_target_met():
+    from salbench.benchmark.leaderboard import bench_ratio_table
+
+    md = ("# x\n| benchmark | SalBench [s] | reference [s] | ratio | target | met | notes |\n|---|---|---|---|---|---|---|\n"
+          "| ROAD | 1.5 | 30 | **20.0x** | 20x | yes | a=1 |\n| step | 1 | 0.9 | **0.90x** | 0.909x | **no** |  |\n")
+    assert bench_ratio_table(md) == ["| benchmark | ratio | target | met |", "|---|---|---|---|",
+                                     "| ROAD | **20.0x** | 20x | yes |", "| step | **0.90x** | 0.909x | **no** |"]
+    assert bench_ratio_table("no table") == []
+
+
 def test_sync_readme_quotes_rewrites_only_the_marked_table(tmp_path):
     from salbench.benchmark.leaderboard import GLANCE_HEADING, sync_readme_quotes
 
