@@ -101,6 +101,44 @@ def test_cpu_chunking_with_one_image_and_a_scalar_target(lenet, fmnist_test, mon
     assert torch.equal(integrated_gradients(lenet, x, y), ref.sum(1))
 
 
+def _bn_model() -> nn.Module:
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
+                          nn.Flatten(), nn.Linear(8 * 4 * 4, 10))
+    model.train()
+    model(torch.rand(16, 3, 8, 8))  # non-trivial running statistics
+    return model.eval()
+
+
+@pytest.mark.parametrize("which", ["lenet", "batchnorm"])
+def test_one_backward_root_gives_captums_gradients_bit_for_bit(which, lenet, fmnist_test):
+    # summed_gradients sums the target logits where captum unbinds them into B roots: the same
+    # seeds of 1, so the same gradients, maps and deltas, bit for bit, for VG and IG (scoring's
+    # internal batch, and the CPU chunks)
+    if which == "lenet":
+        model, x, y = lenet, fmnist_test[0][:9], fmnist_test[1][:9]
+    else:
+        model = _bn_model()
+        x = torch.rand(9, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+        y = torch.arange(9) % 10
+    ig = IntegratedGradients(model)
+    ref_ig, ref_delta = ig.attribute(x, baselines=0, target=y, n_steps=50, method="gausslegendre",
+                                     internal_batch_size=9, return_convergence_delta=True)
+    maps, delta = integrated_gradients(model, x, y, internal_batch_size=9, return_convergence_delta=True)
+    assert torch.equal(maps, ref_ig.sum(1)) and torch.equal(delta, ref_delta)
+    ref_all = ig.attribute(x, baselines=0, target=y, n_steps=50, method="gausslegendre")
+    assert torch.equal(integrated_gradients(model, x, y), ref_all.sum(1))
+    ref_vg = Saliency(model).attribute(x.clone().requires_grad_(True), target=y, abs=True).sum(1)
+    assert torch.equal(vanilla_gradient(model, x, y), ref_vg)
+
+
+def test_summed_gradients_leaves_a_missing_target_to_captum(lenet, fmnist_test):
+    from salbench.metrics.attributions import summed_gradients
+
+    with pytest.raises(AssertionError, match="Target not provided"):
+        summed_gradients(lenet, (fmnist_test[0][:2].clone().requires_grad_(True),))
+
+
 def test_caller_tensors_and_model_are_left_alone(lenet, fmnist_test):
     x, y = fmnist_test[0][:4].clone(), fmnist_test[1][:4]
     before = x.clone()
