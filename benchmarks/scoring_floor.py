@@ -96,6 +96,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="fmnist-lenet-G-paper-10ep")
     ap.add_argument("--write-doc", action="store_true")
+    ap.add_argument("--context", default="nothing else running",
+                    help="what else ran on the machine, for the doc (e.g. 'two training runs on both cores')")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
 
@@ -138,8 +140,8 @@ def main(argv=None) -> int:
         f"`.venv/bin/python benchmarks/scoring_floor.py --model {args.model} --write-doc`: the full protocol "
         f"(VG + IG(50), 8 σ, 5 ROS samples, 20 ROAD levels) on the {len(imageset)}-image FMNIST set, scoring "
         f"batch {cfg.batch_size}, accuracy pass off, one torch thread. Load average {load_before[0]:.1f} before, "
-        f"{report['load_after'][0]:.1f} after (2 cores shared with two training runs and other sessions' jobs), so "
-        f"the absolute times are slow; the ratio to the floor compares times measured in the same run.\n",
+        f"{report['load_after'][0]:.1f} after ({args.context}); the ratio to the floor compares times measured "
+        f"in the same run.\n",
         "| stage | seconds |", "|---|---|",
         *[f"| {k} | {v:.2f} |" for k, v in timings.items() if k not in ("metrics_total", "total")],
         f"| **total (wall)** | **{wall:.2f}** |", "",

@@ -80,7 +80,7 @@ def test_per_image_time_224(benchmark, record):
     # no reference implementation at this size: ratio = 1 marks a pure measurement
     record(benchmark, "224x224 scoring, s per image (VG+IG, reduced)", t["metrics_total"] / TIME_N,
            t["metrics_total"] / TIME_N, 1.0, **info)
-    res = results[0]
+    res = results[0].to_dict()
     # the premise of the measurement: the labels are the model's own predictions, so every image
     # is scored as a correctly classified one and every metric produced a value for every image
     assert res["accuracy"]["on_set"] == 1.0, "the harness's forward pass disagrees with make_imageset's labels"
