@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from salbench.model_zoo.smoothing import input_gradients_only
+
 
 def pgd_linf(
     model: nn.Module,
@@ -67,8 +69,9 @@ def pgd_linf(
         x_adv = x.clone()
     for _ in range(steps):
         x_adv.requires_grad_(True)
-        loss = F.cross_entropy(model(x_adv), y, reduction="sum")
-        (grad,) = torch.autograd.grad(loss, x_adv)
+        with input_gradients_only():  # the C SmoothBlock then skips its parameters' gradients
+            loss = F.cross_entropy(model(x_adv), y, reduction="sum")
+            (grad,) = torch.autograd.grad(loss, x_adv)
         with torch.no_grad():
             x_adv = x_adv + alpha * grad.sign()
             x_adv = torch.min(torch.max(x_adv, x - eps), x + eps).clamp_(0, 1)

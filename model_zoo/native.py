@@ -1,4 +1,8 @@
-"""Optional native kernel of the M2 SmoothBlock, built on first use with the system C compiler.
+"""Optional native kernels of the SmoothBlock, built on first use with the system C compiler.
+
+The G / M1 block (``smooth_mix_forward`` / ``smooth_mix_backward``) is one C call each way for
+``x + W F(x) + b``, where the torch path makes ~10 operator calls whose dispatch dominates at
+LeNet's feature-map size; equal to the torch path to float rounding.
 
 The 3x3 median (``smoothing_kernels.c``) is a fused C loop: one pass reads the nine neighbours once
 and writes the median and the neighbour its gradient goes to, where the pure-torch path makes ~110
@@ -21,6 +25,8 @@ from salbench.metrics._native import I64, P, NativeLibrary
 LIBRARY = NativeLibrary(Path(__file__).with_name("smoothing_kernels.c"), {
     "median3x3_forward": ([P, P, P, I64, I64, I64], ctypes.c_int),
     "median3x3_backward": ([P, P, P, I64, I64, I64], None),
+    "smooth_mix_forward": ([P, P, P, P, P, P, P, P, I64, I64, I64, I64], None),
+    "smooth_mix_backward": ([P, P, P, P, P, P, P, P, P, I64, I64, I64, I64], None),
 })
 
 
@@ -64,3 +70,35 @@ def median3x3_backward(grad: Tensor, which: Tensor) -> Tensor:
     gp = torch.empty(*which.shape[:-2], h + 2, w + 2, dtype=grad.dtype)
     lib.median3x3_backward(grad.data_ptr(), which.data_ptr(), gp.data_ptr(), planes, h, w)
     return gp
+
+
+def _ptr(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def smooth_mix_forward(x: Tensor, weight: Tensor, bias: Tensor, taps_h: Tensor | None, taps_w: Tensor | None,
+                       z: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """``(x + W F(x) + b, F(x))`` of a contiguous float32 CPU map (B, C, H, W); ``weight`` (C, C),
+    ``bias`` (C,), ``taps_h`` (3, H) / ``taps_w`` (3, W) the band matrices' three diagonals. With
+    ``taps_h=None``, ``z`` (contiguous, the map's F(x)) is given and only the mixing runs."""
+    b, c, h, w = x.shape
+    z = torch.empty_like(x) if z is None else z
+    out, work = torch.empty_like(x), torch.zeros(8 * h * w + 2 * w + 2, dtype=x.dtype)
+    library().smooth_mix_forward(x.data_ptr(), weight.data_ptr(), bias.data_ptr(), _ptr(taps_h), _ptr(taps_w),
+                                 z.data_ptr(), out.data_ptr(), work.data_ptr(), b, c, h, w)
+    return out, z
+
+
+def smooth_mix_backward(grad: Tensor, z: Tensor, weight: Tensor, taps_ht: Tensor | None, taps_wt: Tensor | None,
+                        need_weight: bool, need_bias: bool) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Gradients of :func:`smooth_mix_forward` for the input (with ``taps_ht=None``: for ``z``) and,
+    when asked, weight and bias; ``taps_ht`` / ``taps_wt`` are the diagonals of the transposed bands."""
+    grad = grad.contiguous()
+    b, c, h, w = grad.shape
+    grad_x = torch.empty_like(grad)
+    gw = torch.zeros(c, c, dtype=grad.dtype) if need_weight else None
+    gb = torch.zeros(c, dtype=grad.dtype) if need_bias else None
+    work = torch.zeros(9 * h * w + 2 * w + 2, dtype=grad.dtype)
+    library().smooth_mix_backward(grad.data_ptr(), z.data_ptr(), weight.data_ptr(), _ptr(taps_ht), _ptr(taps_wt),
+                                  grad_x.data_ptr(), _ptr(gw), _ptr(gb), work.data_ptr(), b, c, h, w)
+    return grad_x, gw, gb

@@ -100,3 +100,128 @@ void median3x3_backward(const float *grad, const uint8_t *which, float *gp, int6
     }
 }
 
+
+/* ------------------------------------------------------------------------------ linear SmoothBlock
+ * The G / M1 block y = x + W F(x) + b in one call each way, for float32 (B, C, H, W) maps. F is the
+ * separable 3-tap filter with kornia's reflect border, given as tridiagonal band matrices: taps
+ * (3, n) = the sub-diagonal, diagonal and super-diagonal of B_h (rows, n = H) and B_w (columns,
+ * n = W), so F(x) = B_h x B_w^T, as the torch path's two matmuls compute it; the backward gets the
+ * taps of B_h^T and B_w^T. The torch path makes ~10 operator calls each way, whose dispatch
+ * dominates at LeNet's (32, 6, 12, 12); here every image's C planes stay in cache. Sums in another
+ * order than torch's matmuls: equal to the torch path to float rounding (tests/model_zoo/test_smoothing.py).
+ * With NULL taps (the M2 block) z = F(x) is given, the forward adds x + W z + b only and the backward
+ * returns W^T grad (the gradient for z) in grad_x. */
+
+/* Per-pixel coefficients of the two band passes, so that each pass is one flat loop over the plane
+ * (short rows would not vectorise): coef[0..2] the rows pass (lo, d, up of pixel p's row), coef[3..5]
+ * the columns pass (of its column; lo is 0 in column 0 and up 0 in the last column, so the flat
+ * loop's reads across a row end are multiplied by 0). */
+static void expand_taps(const float *taps_h, const float *taps_w, int64_t h, int64_t w, float *coef) {
+    const int64_t hw = h * w;
+    for (int64_t r = 0; r < h; r++)
+        for (int64_t c = 0; c < w; c++) {
+            const int64_t p = r * w + c;
+            coef[p] = r > 0 ? taps_h[r] : 0.0f;
+            coef[hw + p] = taps_h[h + r];
+            coef[2 * hw + p] = r < h - 1 ? taps_h[2 * h + r] : 0.0f;
+            coef[3 * hw + p] = c > 0 ? taps_w[c] : 0.0f;
+            coef[4 * hw + p] = taps_w[w + c];
+            coef[5 * hw + p] = c < w - 1 ? taps_w[2 * w + c] : 0.0f;
+        }
+}
+
+/* out = B_h v B_w^T of one plane. vp: hw + 2 w floats (v copied between w zeros each side), t:
+ * hw + 2 floats (one zero each side). */
+static void band2d(const float *restrict v, float *restrict out, const float *restrict coef, float *restrict vp,
+                   float *restrict t, int64_t h, int64_t w) {
+    const int64_t hw = h * w;
+    const float *lr = coef, *dr = coef + hw, *ur = coef + 2 * hw, *lc = coef + 3 * hw, *dc = coef + 4 * hw,
+                *uc = coef + 5 * hw;
+    float *restrict x = vp + w;
+    for (int64_t p = 0; p < hw; p++) x[p] = v[p];
+    float *restrict tt = t + 1;
+    for (int64_t p = 0; p < hw; p++) tt[p] = lr[p] * x[p - w] + dr[p] * x[p] + ur[p] * x[p + w];
+    for (int64_t p = 0; p < hw; p++) out[p] = lc[p] * tt[p - 1] + dc[p] * tt[p] + uc[p] * tt[p + 1];
+}
+
+/* x, out, z: (B, C, H, W); weight (C, C); bias (C); work: 8 H W + 2 W + 2 floats, zeroed. z = F(x) is
+ * kept for the weight gradient. */
+void smooth_mix_forward(const float *x, const float *weight, const float *bias, const float *taps_h,
+                        const float *taps_w, float *z, float *out, float *work, int64_t B, int64_t C, int64_t h,
+                        int64_t w) {
+    const int64_t hw = h * w;
+    float *coef = work, *vp = coef + 6 * hw, *t = vp + hw + 2 * w;
+    if (taps_h) expand_taps(taps_h, taps_w, h, w, coef);
+    for (int64_t b = 0; b < B; b++) {
+        const float *xb = x + b * C * hw;
+        float *zb = z + b * C * hw, *ob = out + b * C * hw;
+        if (taps_h) /* else z holds F(x) already (the median block) */
+            for (int64_t i = 0; i < C; i++) band2d(xb + i * hw, zb + i * hw, coef, vp, t, h, w);
+        for (int64_t o = 0; o < C; o++) {
+            float *restrict acc = ob + o * hw;
+            const float *restrict xo = xb + o * hw;
+            const float bo = bias[o];
+            for (int64_t p = 0; p < hw; p++) acc[p] = xo[p] + bo;
+            for (int64_t i = 0; i < C; i++) {
+                const float wi = weight[o * C + i];
+                const float *restrict zi = zb + i * hw;
+                for (int64_t p = 0; p < hw; p++) acc[p] += wi * zi[p];
+            }
+        }
+    }
+}
+
+static float dot_lanes(const float *restrict a, const float *restrict b, int64_t n) {
+    float acc[16] = {0};
+    int64_t k = 0;
+    for (; k + 16 <= n; k += 16)
+        for (int l = 0; l < 16; l++) acc[l] += a[k + l] * b[k + l];
+    float s = 0.0f;
+    for (; k < n; k++) s += a[k] * b[k];
+    for (int l = 0; l < 16; l++) s += acc[l];
+    return s;
+}
+
+/* grad (B, C, H, W) -> grad_x = grad + B_h^T (W^T grad) B_w; with grad_weight / grad_bias (C x C / C,
+ * accumulated, may be NULL) the parameter gradients sum_b,p grad_o z_i and sum_b,p grad_o. work: as
+ * for the forward, plus H W floats. */
+void smooth_mix_backward(const float *grad, const float *z, const float *weight, const float *taps_ht,
+                         const float *taps_wt, float *grad_x, float *grad_weight, float *grad_bias, float *work,
+                         int64_t B, int64_t C, int64_t h, int64_t w) {
+    const int64_t hw = h * w;
+    float *coef = work, *vp = coef + 6 * hw, *t = vp + hw + 2 * w, *u = t + hw + 2;
+    if (taps_ht) expand_taps(taps_ht, taps_wt, h, w, coef);
+    for (int64_t b = 0; b < B; b++) {
+        const float *gb = grad + b * C * hw;
+        float *xb = grad_x + b * C * hw;
+        for (int64_t i = 0; i < C; i++) {
+            for (int64_t p = 0; p < hw; p++) u[p] = 0.0f;
+            for (int64_t o = 0; o < C; o++) {
+                const float wo = weight[o * C + i];
+                const float *restrict go = gb + o * hw;
+                for (int64_t p = 0; p < hw; p++) u[p] += wo * go[p];
+            }
+            float *restrict xi = xb + i * hw;
+            if (!taps_ht) { /* the median block: grad_x receives W^T grad, the gradient for z = F(x) */
+                for (int64_t p = 0; p < hw; p++) xi[p] = u[p];
+                continue;
+            }
+            band2d(u, xi, coef, vp, t, h, w);
+            const float *restrict gi = gb + i * hw;
+            for (int64_t p = 0; p < hw; p++) xi[p] += gi[p];
+        }
+        if (grad_weight) {
+            const float *zb = z + b * C * hw;
+            for (int64_t o = 0; o < C; o++)
+                for (int64_t i = 0; i < C; i++) grad_weight[o * C + i] += dot_lanes(gb + o * hw, zb + i * hw, hw);
+        }
+        if (grad_bias) {
+            for (int64_t o = 0; o < C; o++) {
+                const float *go = gb + o * hw;
+                float s = 0.0f;
+                for (int64_t p = 0; p < hw; p++) s += go[p];
+                grad_bias[o] += s;
+            }
+        }
+    }
+}

@@ -250,3 +250,84 @@ def test_native_build_falls_back_to_untuned_flags(monkeypatch, fresh_native):
     monkeypatch.setattr(_native.NativeLibrary, "_compile", refuse_native)
     assert native.status() == "native"
     assert len(list(fresh_native.iterdir())) == 1
+
+
+# ------------------------------------------------------------------ the C block of G and M1
+
+
+def _block_grads(block, x, up):
+    out = block(x)
+    return (out, *torch.autograd.grad(out, (x, block.mix.weight, block.mix.bias), up))
+
+
+@needs_native
+@pytest.mark.parametrize("filter", FILTERS)
+@pytest.mark.parametrize("shape", [(32, 6, 12, 12), (4, 16, 32, 32), (3, 5, 7, 9), (2, 3, 2, 5), (1, 2, 9, 2)])
+def test_native_linear_block_matches_the_torch_path(filter, shape, monkeypatch):
+    # one C call each way for x + W F(x) + b: the same values and gradients (input, weight, bias) as
+    # the torch path to float rounding (the sums run in another order)
+    torch.manual_seed(sum(shape))
+    block = SmoothBlock(shape[1], width=shape[3], filter=filter)
+    x = _rand(*shape, seed=7).requires_grad_(True)
+    up = torch.randn(shape, generator=torch.Generator().manual_seed(8))
+    assert block._native_ok(x)
+    native_out = _block_grads(block, x, up)
+    monkeypatch.setattr(SmoothBlock, "_native_ok", lambda self, x: False)
+    torch_out = _block_grads(block, x, up)
+    for a, b, name in zip(native_out, torch_out, ("output", "input grad", "weight grad", "bias grad")):
+        a, b = a.detach(), b.detach()
+        scale = float(b.abs().max()) + 1.0
+        assert float((a - b).abs().max()) <= 2e-6 * scale, name
+    # channels-last (non-contiguous) input takes the same path
+    xc = x.detach().to(memory_format=torch.channels_last)
+    monkeypatch.undo()
+    torch.testing.assert_close(block(xc), torch_out[0], rtol=1e-5, atol=1e-5)
+
+
+@needs_native
+def test_native_linear_block_input_gradients_only(monkeypatch):
+    block = SmoothBlock(6, width=12)
+    x = _rand(8, 6, 12, 12, seed=9).requires_grad_(True)
+    (full,) = torch.autograd.grad(block(x).square().sum(), x)
+    with smoothing.input_gradients_only():
+        out = block(x).square().sum()
+        (only,) = torch.autograd.grad(out, x)
+        out2 = block(x).square().sum()
+        out2.backward()  # parameters' gradients are skipped (None) inside the context
+    assert torch.equal(full, only)
+    assert block.mix.weight.grad is None and block.mix.bias.grad is None
+    block(x).square().sum().backward()  # outside: computed again
+    assert block.mix.weight.grad is not None and block.mix.weight.grad.abs().sum() > 0
+
+
+@needs_native
+def test_native_linear_block_is_not_twice_differentiable():
+    block = SmoothBlock(3, width=8)
+    x = _rand(2, 3, 8, 8, seed=10).requires_grad_(True)
+    (g,) = torch.autograd.grad(block(x).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError):  # an error, never a silently wrong second derivative
+        torch.autograd.grad(g.sum(), x)
+
+
+def test_linear_block_takes_the_torch_path_where_the_c_one_does_not_apply():
+    block = SmoothBlock(3, width=8)
+    assert not block._native_ok(torch.zeros(2, 3, 8, 8, dtype=torch.float64))
+    assert not block._native_ok(torch.zeros(2, 3, 1, 8))
+
+
+@needs_native
+def test_pgd_with_the_native_block_matches_the_torch_path(monkeypatch):
+    # pgd_linf differentiates with respect to the input only (input_gradients_only): the adversarial
+    # examples of a G LeNet are those of the torch path, up to the sign of a gradient entry at float
+    # rounding (none here)
+    from salbench.model_zoo.attacks import pgd_linf
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 6, 5), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+                                SmoothBlock(6, width=12), torch.nn.Flatten(), torch.nn.Linear(6 * 12 * 12, 10))
+    x = _rand(16, 1, 28, 28, seed=11).clamp(0, 1)
+    y = torch.arange(16) % 10
+    adv = pgd_linf(model, x, y, eps=0.1, alpha=0.01, steps=5, generator=torch.Generator().manual_seed(1))
+    monkeypatch.setattr(SmoothBlock, "_native_ok", lambda self, x: False)
+    ref = pgd_linf(model, x, y, eps=0.1, alpha=0.01, steps=5, generator=torch.Generator().manual_seed(1))
+    assert float((adv - ref).abs().max()) <= 1e-6
