@@ -44,29 +44,21 @@ static double dot_f(const float *restrict a, const float *restrict b, int64_t n)
     return s;
 }
 
-static double maxabs_d(const double *restrict a, int64_t n) {
-    double acc[LANES] = {0};
-    for (int64_t k = 0; k < n; k += LANES)
-        for (int l = 0; l < LANES; l++) {
-            const double u = fabs(a[k + l]);
-            acc[l] = u > acc[l] ? u : acc[l];
-        }
-    double m = 0.0;
-    for (int l = 0; l < LANES; l++) m = acc[l] > m ? acc[l] : m;
-    return m;
-}
-
-static float maxabs_f(const float *restrict a, int64_t n) {
-    float acc[LANES] = {0};
-    for (int64_t k = 0; k < n; k += LANES)
-        for (int l = 0; l < LANES; l++) {
-            const float u = fabsf(a[k + l]);
-            acc[l] = u > acc[l] ? u : acc[l];
-        }
-    float m = 0.0f;
-    for (int l = 0; l < LANES; l++) m = acc[l] > m ? acc[l] : m;
-    return m;
-}
+/* max |a[k]|, with LANES partial maxima (vectorises without -ffast-math) */
+#define MAXABS(TYPE, NAME, ABS)                                                                       \
+    static TYPE NAME(const TYPE *restrict a, int64_t n) {                                             \
+        TYPE acc[LANES] = {0};                                                                        \
+        for (int64_t k = 0; k < n; k += LANES)                                                        \
+            for (int l = 0; l < LANES; l++) {                                                         \
+                const TYPE u = ABS(a[k + l]);                                                         \
+                acc[l] = u > acc[l] ? u : acc[l];                                                     \
+            }                                                                                         \
+        TYPE m = 0;                                                                                   \
+        for (int l = 0; l < LANES; l++) m = acc[l] > m ? acc[l] : m;                                  \
+        return m;                                                                                     \
+    }
+MAXABS(double, maxabs_d, fabs)
+MAXABS(float, maxabs_f, fabsf)
 
 /* CG for A x = r0 (float32) from x = 0, until max|r| <= itol or maxiter. r holds r0 on entry. */
 static void cg(float *restrict x, float *restrict r, float *restrict p, float *restrict t, float *restrict ap,
