@@ -27,6 +27,8 @@ LIBRARY = NativeLibrary(Path(__file__).with_name("smoothing_kernels.c"), {
     "median3x3_backward": ([P, P, P, I64, I64, I64], None),
     "smooth_mix_forward": ([P, P, P, P, P, P, P, P, I64, I64, I64, I64], None),
     "smooth_mix_backward": ([P, P, P, P, P, P, P, P, P, I64, I64, I64, I64], None),
+    "median_mix_forward": ([P, P, P, P, P, P, P, P, I64, I64, I64, I64], ctypes.c_int),
+    "median_mix_backward": ([P, P, P, P, P, P, P, P, P, I64, I64, I64, I64], None),
 })
 
 
@@ -101,4 +103,32 @@ def smooth_mix_backward(grad: Tensor, z: Tensor, weight: Tensor, taps_ht: Tensor
     work = torch.zeros(9 * h * w + 2 * w + 2, dtype=grad.dtype)
     library().smooth_mix_backward(grad.data_ptr(), z.data_ptr(), weight.data_ptr(), _ptr(taps_ht), _ptr(taps_wt),
                                   grad_x.data_ptr(), _ptr(gw), _ptr(gb), work.data_ptr(), b, c, h, w)
+    return grad_x, gw, gb
+
+
+def median_mix_forward(x: Tensor, weight: Tensor, bias: Tensor, with_which: bool
+                       ) -> tuple[Tensor, Tensor, Tensor | None] | None:
+    """``(x + W median3x3(x) + b, median3x3(x), routing index)`` of a contiguous float32 CPU map
+    (B, C, H, W) with kornia's reflect border, in one C call; ``None`` if the map holds a NaN."""
+    b, c, h, w = x.shape
+    z, out = torch.empty_like(x), torch.empty_like(x)
+    which = torch.empty(x.shape, dtype=torch.uint8) if with_which else None
+    pad, work = torch.empty((h + 2) * (w + 2), dtype=x.dtype), torch.zeros(8 * h * w + 2 * w + 2, dtype=x.dtype)
+    if library().median_mix_forward(x.data_ptr(), weight.data_ptr(), bias.data_ptr(), z.data_ptr(), _ptr(which),
+                                    out.data_ptr(), pad.data_ptr(), work.data_ptr(), b, c, h, w):
+        return None
+    return out, z, which
+
+
+def median_mix_backward(grad: Tensor, z: Tensor, which: Tensor, weight: Tensor, need_weight: bool,
+                        need_bias: bool) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Gradients of :func:`median_mix_forward` for the input and, when asked, weight and bias."""
+    grad = grad.contiguous()
+    b, c, h, w = grad.shape
+    grad_x = torch.empty_like(grad)
+    gw = torch.zeros(c, c, dtype=grad.dtype) if need_weight else None
+    gb = torch.zeros(c, dtype=grad.dtype) if need_bias else None
+    pad, work = torch.empty((h + 2) * (w + 2), dtype=grad.dtype), torch.zeros(9 * h * w + 2 * w + 2, dtype=grad.dtype)
+    library().median_mix_backward(grad.data_ptr(), z.data_ptr(), which.data_ptr(), weight.data_ptr(),
+                                  grad_x.data_ptr(), _ptr(gw), _ptr(gb), pad.data_ptr(), work.data_ptr(), b, c, h, w)
     return grad_x, gw, gb

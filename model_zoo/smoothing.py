@@ -156,6 +156,43 @@ class _SmoothMix(torch.autograd.Function):
         return grad_in, None, gw, gb, None
 
 
+class _NaNInMap(Exception):
+    """The C median met a NaN (its min/max would not propagate it): take the torch path."""
+
+
+class _MedianMix(torch.autograd.Function):
+    """The M2 block ``x + W median3x3(x) + b`` as one C call each way (:mod:`native`): the median and
+    its routing are the C median's (bit-identical to the torch path's), the mixing, residual and
+    reflect-border gradient fold run in the same call. Equal to the torch path to float rounding.
+    Raises :class:`_NaNInMap` for a map with a NaN. Not twice differentiable."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+        c = x.shape[1]
+        w2 = weight.detach().reshape(c, c).contiguous()
+        result = native.median_mix_forward(x.detach().contiguous(), w2, bias.detach().contiguous(),
+                                           with_which=x.requires_grad)
+        if result is None:
+            raise _NaNInMap
+        out, z, which = result
+        ctx.save_for_backward(z, which, w2)
+        ctx.weight_shape = weight.shape
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):
+        z, which, w2 = ctx.saved_tensors
+        params = not getattr(_INPUT_GRADIENTS_ONLY, "on", False)
+        need_w, need_b = params and ctx.needs_input_grad[1], params and ctx.needs_input_grad[2]
+        if which is None:  # the input did not require grad; only the parameters' gradients
+            _, gw, gb = native.smooth_mix_backward(grad, z, w2, None, None, need_w, need_b)
+            grad_x = None
+        else:
+            grad_x, gw, gb = native.median_mix_backward(grad, z, which, w2, need_w, need_b)
+        return grad_x, gw.view(ctx.weight_shape) if gw is not None else None, gb
+
+
 def _median3x3(x: Tensor) -> Tensor:
     """Median of each 3x3 neighbourhood with kornia's reflect border."""
     return _Median3x3.apply(F.pad(x, (1, 1, 1, 1), mode="reflect"))
@@ -284,9 +321,15 @@ class SmoothBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self._native_ok(x):
-            if self.filter == "median":
-                return _SmoothMix.apply(x, _median3x3(x), self.mix.weight, self.mix.bias, None)
-            return _SmoothMix.apply(x, None, self.mix.weight, self.mix.bias, self._taps(x.shape[-2], x.shape[-1], x))
+            weight, bias = self.mix.weight, self.mix.bias
+            if self.filter != "median":
+                return _SmoothMix.apply(x, None, weight, bias, self._taps(x.shape[-2], x.shape[-1], x))
+            if native.usable(x):
+                try:
+                    return _MedianMix.apply(x, weight, bias)
+                except _NaNInMap:
+                    pass
+            return _SmoothMix.apply(x, _median3x3(x), weight, bias, None)
         z = self.smooth(x)
         b, c, h, w = z.shape
         if h * w <= _MATMUL_MIX_MAX_PIXELS:

@@ -11,6 +11,7 @@
  *     additions of the nine masked shifted passes of the torch path.
  * One pass reads the 9 neighbours once (the torch path makes ~110 element-wise passes).
  */
+#include <stddef.h>
 #include <stdint.h>
 
 #define SORT2(a, b) { float lo_ = (a) < (b) ? (a) : (b); float hi_ = (a) < (b) ? (b) : (a); (a) = lo_; (b) = hi_; }
@@ -223,5 +224,58 @@ void smooth_mix_backward(const float *grad, const float *z, const float *weight,
                 grad_bias[o] += s;
             }
         }
+    }
+}
+
+/* ------------------------------------------------------------------------------- median SmoothBlock
+ * The M2 block y = x + W median3x3(x) + b in one call each way: kornia's reflect border, the median
+ * and its routing index (median3x3_forward, unchanged), then the mixing and residual as above; the
+ * backward routes W^T grad through the median (median3x3_backward), folds the padded gradient back
+ * with the reflect border's transpose (raster order, as torch's reflection-pad backward adds) and
+ * adds the residual's gradient. x, z, out, grad_x: (B, C, H, W); which: (B, C, H, W) uint8; pad:
+ * (H + 2)(W + 2) floats; work: as for smooth_mix_*. Returns 1 (nothing written that counts) if a map
+ * holds a NaN: the caller takes the torch path. */
+static void reflect_pad(const float *restrict v, float *restrict p, int64_t h, int64_t w) {
+    const int64_t wp = w + 2;
+    for (int64_t i = 0; i < h + 2; i++) {
+        const int64_t si = i == 0 ? 1 : (i == h + 1 ? h - 2 : i - 1);
+        const float *restrict row = v + si * w;
+        float *restrict dst = p + i * wp;
+        dst[0] = row[1];
+        for (int64_t j = 0; j < w; j++) dst[j + 1] = row[j];
+        dst[w + 1] = row[w - 2];
+    }
+}
+
+int median_mix_forward(const float *x, const float *weight, const float *bias, float *z, uint8_t *which, float *out,
+                       float *pad, float *work, int64_t B, int64_t C, int64_t h, int64_t w) {
+    const int64_t hw = h * w;
+    for (int64_t n = 0; n < B * C; n++) {
+        reflect_pad(x + n * hw, pad, h, w);
+        if (median3x3_forward(pad, z + n * hw, which ? which + n * hw : NULL, 1, h, w)) return 1;
+    }
+    smooth_mix_forward(x, weight, bias, NULL, NULL, z, out, work, B, C, h, w);
+    return 0;
+}
+
+void median_mix_backward(const float *grad, const float *z, const uint8_t *which, const float *weight,
+                         float *grad_x, float *grad_weight, float *grad_bias, float *pad, float *work, int64_t B,
+                         int64_t C, int64_t h, int64_t w) {
+    const int64_t hw = h * w, wp = w + 2;
+    smooth_mix_backward(grad, z, weight, NULL, NULL, grad_x, grad_weight, grad_bias, work, B, C, h, w);
+    for (int64_t n = 0; n < B * C; n++) {
+        float *gx = grad_x + n * hw;
+        median3x3_backward(gx, which + n * hw, pad, 1, h, w); /* gx holds W^T grad, the gradient for z */
+        for (int64_t p = 0; p < hw; p++) gx[p] = 0.0f;
+        for (int64_t i = 0; i < h + 2; i++) {
+            const int64_t si = i == 0 ? 1 : (i == h + 1 ? h - 2 : i - 1);
+            const float *restrict src = pad + i * wp;
+            float *restrict row = gx + si * w;
+            row[1] += src[0];
+            for (int64_t j = 0; j < w; j++) row[j] += src[j + 1];
+            row[w - 2] += src[w + 1];
+        }
+        const float *restrict g = grad + n * hw;
+        for (int64_t p = 0; p < hw; p++) gx[p] = g[p] + gx[p];
     }
 }

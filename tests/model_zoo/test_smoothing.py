@@ -331,3 +331,17 @@ def test_pgd_with_the_native_block_matches_the_torch_path(monkeypatch):
     monkeypatch.setattr(SmoothBlock, "_native_ok", lambda self, x: False)
     ref = pgd_linf(model, x, y, eps=0.1, alpha=0.01, steps=5, generator=torch.Generator().manual_seed(1))
     assert float((adv - ref).abs().max()) <= 1e-6
+
+
+@needs_native
+def test_median_block_with_a_nan_takes_the_fallback(monkeypatch):
+    # the fused C median block refuses a map with a NaN (its min/max would drop it); the block then
+    # runs the torch median, whose NaN propagates as on the torch path
+    block = SmoothBlock(3, width=8, filter="median")
+    x = _rand(2, 3, 8, 8, seed=12)
+    x[0, 1, 3, 4] = float("nan")
+    out = block(x)
+    monkeypatch.setattr(SmoothBlock, "_native_ok", lambda self, x: False)
+    ref = block(x)
+    assert torch.equal(torch.isnan(out), torch.isnan(ref)) and bool(torch.isnan(out).any())
+    torch.testing.assert_close(out.nan_to_num(), ref.nan_to_num(), rtol=1e-5, atol=1e-6)
