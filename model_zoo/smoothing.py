@@ -124,6 +124,12 @@ def input_gradients_only():
         _INPUT_GRADIENTS_ONLY.on = previous
 
 
+def _param_grads_needed(ctx, weight_index: int, bias_index: int) -> tuple[bool, bool]:
+    """Whether the C block's backward computes the mixing's weight / bias gradients."""
+    params = not getattr(_INPUT_GRADIENTS_ONLY, "on", False)
+    return params and ctx.needs_input_grad[weight_index], params and ctx.needs_input_grad[bias_index]
+
+
 class _SmoothMix(torch.autograd.Function):
     """``x + W F(x) + b`` as one C call each way (:mod:`native`), equal to :meth:`SmoothBlock.forward`'s
     torch path to float rounding. The linear filters (G, M1) are applied in the same call from their
@@ -147,8 +153,7 @@ class _SmoothMix(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad: Tensor):
         z, w2 = ctx.saved_tensors
-        params = not getattr(_INPUT_GRADIENTS_ONLY, "on", False)
-        need_w, need_b = params and ctx.needs_input_grad[2], params and ctx.needs_input_grad[3]
+        need_w, need_b = _param_grads_needed(ctx, 2, 3)
         grad_in, gw, gb = native.smooth_mix_backward(grad, z, w2, *ctx.taps_t, need_w, need_b)
         gw = gw.view(ctx.weight_shape) if gw is not None else None
         if ctx.given_z:  # grad_in is the gradient for z; x gets the residual's
@@ -183,8 +188,7 @@ class _MedianMix(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad: Tensor):
         z, which, w2 = ctx.saved_tensors
-        params = not getattr(_INPUT_GRADIENTS_ONLY, "on", False)
-        need_w, need_b = params and ctx.needs_input_grad[1], params and ctx.needs_input_grad[2]
+        need_w, need_b = _param_grads_needed(ctx, 1, 2)
         if which is None:  # the input did not require grad; only the parameters' gradients
             _, gw, gb = native.smooth_mix_backward(grad, z, w2, None, None, need_w, need_b)
             grad_x = None
