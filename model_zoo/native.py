@@ -32,6 +32,10 @@ LIBRARY = NativeLibrary(Path(__file__).with_name("smoothing_kernels.c"), {
 })
 
 
+def _ptr(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
 def library() -> ctypes.CDLL | None:
     """The loaded native library, or ``None`` (disabled, no compiler, build failed)."""
     return LIBRARY.library()
@@ -57,8 +61,7 @@ def median3x3_forward(xp: Tensor, with_which: bool) -> tuple[Tensor, Tensor | No
     planes = xp.numel() // ((h + 2) * (w + 2))
     med = torch.empty(*xp.shape[:-2], h, w, dtype=xp.dtype)
     which = torch.empty(med.shape, dtype=torch.uint8) if with_which else None
-    if lib.median3x3_forward(xp.data_ptr(), med.data_ptr(), which.data_ptr() if with_which else None,
-                             planes, h, w):
+    if lib.median3x3_forward(xp.data_ptr(), med.data_ptr(), _ptr(which), planes, h, w):
         return None
     return med, which
 
@@ -72,10 +75,6 @@ def median3x3_backward(grad: Tensor, which: Tensor) -> Tensor:
     gp = torch.empty(*which.shape[:-2], h + 2, w + 2, dtype=grad.dtype)
     lib.median3x3_backward(grad.data_ptr(), which.data_ptr(), gp.data_ptr(), planes, h, w)
     return gp
-
-
-def _ptr(t: Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
 
 
 def smooth_mix_forward(x: Tensor, weight: Tensor, bias: Tensor, taps_h: Tensor | None, taps_w: Tensor | None,
