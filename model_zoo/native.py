@@ -26,7 +26,7 @@ LIBRARY = NativeLibrary(Path(__file__).with_name("smoothing_kernels.c"), {
     "median3x3_forward": ([P, P, P, I64, I64, I64], ctypes.c_int),
     "median3x3_backward": ([P, P, P, I64, I64, I64], None),
     "smooth_mix_forward": ([P, P, P, P, P, P, P, P, I64, I64, I64, I64], None),
-    "smooth_mix_backward": ([P, P, P, P, P, P, P, P, P, I64, I64, I64, I64], None),
+    "smooth_mix_backward": ([P, P, P, P, P, P, P, P, P, P, P, I64, I64, I64, I64], None),
     "median_mix_forward": ([P, P, P, P, P, P, P, P, I64, I64, I64, I64], ctypes.c_int),
     "median_mix_backward": ([P, P, P, P, P, P, P, P, P, I64, I64, I64, I64], None),
 })
@@ -77,30 +77,37 @@ def median3x3_backward(grad: Tensor, which: Tensor) -> Tensor:
     return gp
 
 
+def _work(c: int, h: int, w: int, dtype: torch.dtype, backward: bool) -> Tensor:
+    """The C block's zeroed scratch: band coefficients, padded rows, one image's F(x) (see the C)."""
+    return torch.zeros(((15 if backward else 8) + c) * h * w + 2 * w + 2, dtype=dtype)
+
+
 def smooth_mix_forward(x: Tensor, weight: Tensor, bias: Tensor, taps_h: Tensor | None, taps_w: Tensor | None,
-                       z: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """``(x + W F(x) + b, F(x))`` of a contiguous float32 CPU map (B, C, H, W); ``weight`` (C, C),
-    ``bias`` (C,), ``taps_h`` (3, H) / ``taps_w`` (3, W) the band matrices' three diagonals. With
-    ``taps_h=None``, ``z`` (contiguous, the map's F(x)) is given and only the mixing runs."""
+                       z: Tensor | None = None) -> Tensor:
+    """``x + W F(x) + b`` of a contiguous float32 CPU map (B, C, H, W); ``weight`` (C, C), ``bias``
+    (C,), ``taps_h`` (3, H) / ``taps_w`` (3, W) the band matrices' three diagonals. F(x) is not kept
+    (:func:`smooth_mix_backward` recomputes it from x). With ``taps_h=None``, ``z`` (contiguous, the
+    map's F(x)) is given and only the mixing runs."""
     b, c, h, w = x.shape
-    z = torch.empty_like(x) if z is None else z
-    out, work = torch.empty_like(x), torch.zeros(8 * h * w + 2 * w + 2, dtype=x.dtype)
+    out, work = torch.empty_like(x), _work(c, h, w, x.dtype, False)  # held: the C call writes into them
     library().smooth_mix_forward(x.data_ptr(), weight.data_ptr(), bias.data_ptr(), _ptr(taps_h), _ptr(taps_w),
-                                 z.data_ptr(), out.data_ptr(), work.data_ptr(), b, c, h, w)
-    return out, z
+                                 _ptr(z), out.data_ptr(), work.data_ptr(), b, c, h, w)
+    return out
 
 
-def smooth_mix_backward(grad: Tensor, z: Tensor, weight: Tensor, taps_ht: Tensor | None, taps_wt: Tensor | None,
+def smooth_mix_backward(grad: Tensor, src: Tensor, weight: Tensor, taps: tuple[Tensor, ...] | None,
                         need_weight: bool, need_bias: bool) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """Gradients of :func:`smooth_mix_forward` for the input (with ``taps_ht=None``: for ``z``) and,
-    when asked, weight and bias; ``taps_ht`` / ``taps_wt`` are the diagonals of the transposed bands."""
+    """Gradients of :func:`smooth_mix_forward` for the input and, when asked, weight and bias. ``taps``:
+    the diagonals of B_h, B_w, B_h^T, B_w^T, with ``src`` the forward's input x; or ``None`` with
+    ``src`` = z given to the forward, and the first gradient is then the one for z."""
     grad = grad.contiguous()
     b, c, h, w = grad.shape
     grad_x = torch.empty_like(grad)
     gw = torch.zeros(c, c, dtype=grad.dtype) if need_weight else None
     gb = torch.zeros(c, dtype=grad.dtype) if need_bias else None
-    work = torch.zeros(9 * h * w + 2 * w + 2, dtype=grad.dtype)
-    library().smooth_mix_backward(grad.data_ptr(), z.data_ptr(), weight.data_ptr(), _ptr(taps_ht), _ptr(taps_wt),
+    work = _work(c, h, w, grad.dtype, True)
+    th, tw, tht, twt = (_ptr(t) for t in taps) if taps else (None,) * 4
+    library().smooth_mix_backward(grad.data_ptr(), src.data_ptr(), weight.data_ptr(), th, tw, tht, twt,
                                   grad_x.data_ptr(), _ptr(gw), _ptr(gb), work.data_ptr(), b, c, h, w)
     return grad_x, gw, gb
 
@@ -112,7 +119,7 @@ def median_mix_forward(x: Tensor, weight: Tensor, bias: Tensor, with_which: bool
     b, c, h, w = x.shape
     z, out = torch.empty_like(x), torch.empty_like(x)
     which = torch.empty(x.shape, dtype=torch.uint8) if with_which else None
-    pad, work = torch.empty((h + 2) * (w + 2), dtype=x.dtype), torch.zeros(8 * h * w + 2 * w + 2, dtype=x.dtype)
+    pad, work = torch.empty((h + 2) * (w + 2), dtype=x.dtype), _work(c, h, w, x.dtype, False)
     if library().median_mix_forward(x.data_ptr(), weight.data_ptr(), bias.data_ptr(), z.data_ptr(), _ptr(which),
                                     out.data_ptr(), pad.data_ptr(), work.data_ptr(), b, c, h, w):
         return None
@@ -127,7 +134,7 @@ def median_mix_backward(grad: Tensor, z: Tensor, which: Tensor, weight: Tensor, 
     grad_x = torch.empty_like(grad)
     gw = torch.zeros(c, c, dtype=grad.dtype) if need_weight else None
     gb = torch.zeros(c, dtype=grad.dtype) if need_bias else None
-    pad, work = torch.empty((h + 2) * (w + 2), dtype=grad.dtype), torch.zeros(9 * h * w + 2 * w + 2, dtype=grad.dtype)
+    pad, work = torch.empty((h + 2) * (w + 2), dtype=grad.dtype), _work(c, h, w, grad.dtype, True)
     library().median_mix_backward(grad.data_ptr(), z.data_ptr(), which.data_ptr(), weight.data_ptr(),
                                   grad_x.data_ptr(), _ptr(gw), _ptr(gb), pad.data_ptr(), work.data_ptr(), b, c, h, w)
     return grad_x, gw, gb

@@ -133,18 +133,22 @@ def _param_grads_needed(ctx, weight_index: int, bias_index: int) -> tuple[bool, 
 class _SmoothMix(torch.autograd.Function):
     """``x + W F(x) + b`` as one C call each way (:mod:`native`), equal to :meth:`SmoothBlock.forward`'s
     torch path to float rounding. The linear filters (G, M1) are applied in the same call from their
-    band diagonals ``taps``; for the median (M2) ``z = F(x)`` comes in from :func:`_median3x3` (``taps``
-    None) and the call does the mixing and the residual. Not twice differentiable."""
+    band diagonals ``taps``; F(x) is not stored: the backward recomputes it from x (which the
+    previous layer keeps anyway) for the weight gradient, and skips it in attacks
+    (:func:`input_gradients_only`). For the median (M2) ``z = F(x)`` comes in from :func:`_median3x3`
+    (``taps`` None) and the call does the mixing and the residual. Not twice differentiable."""
 
     @staticmethod
     def forward(ctx, x: Tensor, z: Tensor | None, weight: Tensor, bias: Tensor, taps: tuple[Tensor, ...] | None):
         c = x.shape[1]
         w2 = weight.detach().reshape(c, c).contiguous()
-        given = None if z is None else z.detach().contiguous()
-        out, z_used = native.smooth_mix_forward(x.detach().contiguous(), w2, bias.detach().contiguous(),
-                                                *(taps[:2] if taps else (None, None)), z=given)
-        ctx.save_for_backward(z_used, w2)
-        ctx.taps_t = taps[2:] if taps else (None, None)
+        src = x.detach().contiguous() if z is None else z.detach().contiguous()
+        if z is None:
+            out = native.smooth_mix_forward(src, w2, bias.detach().contiguous(), *taps[:2])
+        else:
+            out = native.smooth_mix_forward(x.detach().contiguous(), w2, bias.detach().contiguous(), None, None, z=src)
+        ctx.save_for_backward(src, w2)
+        ctx.taps = taps
         ctx.given_z = z is not None
         ctx.weight_shape = weight.shape
         return out
@@ -152,9 +156,9 @@ class _SmoothMix(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: Tensor):
-        z, w2 = ctx.saved_tensors
+        src, w2 = ctx.saved_tensors
         need_w, need_b = _param_grads_needed(ctx, 2, 3)
-        grad_in, gw, gb = native.smooth_mix_backward(grad, z, w2, *ctx.taps_t, need_w, need_b)
+        grad_in, gw, gb = native.smooth_mix_backward(grad, src, w2, ctx.taps, need_w, need_b)
         gw = gw.view(ctx.weight_shape) if gw is not None else None
         if ctx.given_z:  # grad_in is the gradient for z; x gets the residual's
             return grad, grad_in, gw, gb, None
@@ -190,7 +194,7 @@ class _MedianMix(torch.autograd.Function):
         z, which, w2 = ctx.saved_tensors
         need_w, need_b = _param_grads_needed(ctx, 1, 2)
         if which is None:  # the input did not require grad; only the parameters' gradients
-            _, gw, gb = native.smooth_mix_backward(grad, z, w2, None, None, need_w, need_b)
+            _, gw, gb = native.smooth_mix_backward(grad, z, w2, None, need_w, need_b)
             grad_x = None
         else:
             grad_x, gw, gb = native.median_mix_backward(grad, z, which, w2, need_w, need_b)

@@ -107,7 +107,7 @@ void median3x3_backward(const float *grad, const uint8_t *which, float *gp, int6
  * separable 3-tap filter with kornia's reflect border, given as tridiagonal band matrices: taps
  * (3, n) = the sub-diagonal, diagonal and super-diagonal of B_h (rows, n = H) and B_w (columns,
  * n = W), so F(x) = B_h x B_w^T, as the torch path's two matmuls compute it; the backward gets the
- * taps of B_h^T and B_w^T. The torch path makes ~10 operator calls each way, whose dispatch
+ * taps of B_h^T and B_w^T, and B_h's and B_w's again to recompute F(x) for the weight gradient. The torch path makes ~10 operator calls each way, whose dispatch
  * dominates at LeNet's (32, 6, 12, 12); here every image's C planes stay in cache. Sums in another
  * order than torch's matmuls: equal to the torch path to float rounding (tests/model_zoo/test_smoothing.py).
  * With NULL taps (the M2 block) z = F(x) is given, the forward adds x + W z + b only and the backward
@@ -145,19 +145,26 @@ static void band2d(const float *restrict v, float *restrict out, const float *re
     for (int64_t p = 0; p < hw; p++) out[p] = lc[p] * tt[p - 1] + dc[p] * tt[p] + uc[p] * tt[p + 1];
 }
 
-/* x, out, z: (B, C, H, W); weight (C, C); bias (C); work: 8 H W + 2 W + 2 floats, zeroed. z = F(x) is
- * kept for the weight gradient. */
+/* x, out: (B, C, H, W); weight (C, C); bias (C). With taps, F(x) of each image is computed into the
+ * work buffer (in cache) and not kept: the backward recomputes it from x when it needs it for the
+ * weight gradient (x stays alive anyway: it is the output the previous layer keeps), which saves
+ * writing and allocating a map the size of x per forward. With NULL taps z = F(x) is given (the
+ * median block). work: (8 + C) H W + 2 W + 2 floats, zeroed. */
+static void smooth_image(const float *restrict xb, float *restrict zb, const float *coef, float *vp, float *t,
+                         int64_t C, int64_t h, int64_t w) {
+    for (int64_t i = 0; i < C; i++) band2d(xb + i * h * w, zb + i * h * w, coef, vp, t, h, w);
+}
+
 void smooth_mix_forward(const float *x, const float *weight, const float *bias, const float *taps_h,
-                        const float *taps_w, float *z, float *out, float *work, int64_t B, int64_t C, int64_t h,
-                        int64_t w) {
+                        const float *taps_w, const float *z, float *out, float *work, int64_t B, int64_t C,
+                        int64_t h, int64_t w) {
     const int64_t hw = h * w;
-    float *coef = work, *vp = coef + 6 * hw, *t = vp + hw + 2 * w;
+    float *coef = work, *vp = coef + 6 * hw, *t = vp + hw + 2 * w, *zs = t + hw + 2;
     if (taps_h) expand_taps(taps_h, taps_w, h, w, coef);
     for (int64_t b = 0; b < B; b++) {
-        const float *xb = x + b * C * hw;
-        float *zb = z + b * C * hw, *ob = out + b * C * hw;
-        if (taps_h) /* else z holds F(x) already (the median block) */
-            for (int64_t i = 0; i < C; i++) band2d(xb + i * hw, zb + i * hw, coef, vp, t, h, w);
+        const float *xb = x + b * C * hw, *zb = z ? z + b * C * hw : zs;
+        float *ob = out + b * C * hw;
+        if (taps_h) smooth_image(xb, zs, coef, vp, t, C, h, w);
         for (int64_t o = 0; o < C; o++) {
             float *restrict acc = ob + o * hw;
             const float *restrict xo = xb + o * hw;
@@ -184,14 +191,19 @@ static float dot_lanes(const float *restrict a, const float *restrict b, int64_t
 }
 
 /* grad (B, C, H, W) -> grad_x = grad + B_h^T (W^T grad) B_w; with grad_weight / grad_bias (C x C / C,
- * accumulated, may be NULL) the parameter gradients sum_b,p grad_o z_i and sum_b,p grad_o. work: as
- * for the forward, plus H W floats. */
-void smooth_mix_backward(const float *grad, const float *z, const float *weight, const float *taps_ht,
-                         const float *taps_wt, float *grad_x, float *grad_weight, float *grad_bias, float *work,
-                         int64_t B, int64_t C, int64_t h, int64_t w) {
+ * accumulated, may be NULL) the parameter gradients sum_b,p grad_o z_i and sum_b,p grad_o. src: the
+ * forward's input x, whose F(x) = z is recomputed per image (taps_h / taps_w, B_h's and B_w's
+ * diagonals) for the weight gradient; with NULL taps (the median block) src is z itself and grad_x
+ * receives W^T grad. work: (15 + C) H W + 2 W + 2 floats. */
+void smooth_mix_backward(const float *grad, const float *src, const float *weight, const float *taps_h,
+                         const float *taps_w, const float *taps_ht, const float *taps_wt, float *grad_x,
+                         float *grad_weight, float *grad_bias, float *work, int64_t B, int64_t C, int64_t h,
+                         int64_t w) {
     const int64_t hw = h * w;
-    float *coef = work, *vp = coef + 6 * hw, *t = vp + hw + 2 * w, *u = t + hw + 2;
+    float *coef = work, *coef_f = coef + 6 * hw, *vp = coef_f + 6 * hw, *t = vp + hw + 2 * w, *u = t + hw + 2,
+          *zs = u + hw;
     if (taps_ht) expand_taps(taps_ht, taps_wt, h, w, coef);
+    if (taps_ht && grad_weight) expand_taps(taps_h, taps_w, h, w, coef_f);
     for (int64_t b = 0; b < B; b++) {
         const float *gb = grad + b * C * hw;
         float *xb = grad_x + b * C * hw;
@@ -212,7 +224,11 @@ void smooth_mix_backward(const float *grad, const float *z, const float *weight,
             for (int64_t p = 0; p < hw; p++) xi[p] += gi[p];
         }
         if (grad_weight) {
-            const float *zb = z + b * C * hw;
+            const float *zb = src + b * C * hw;
+            if (taps_ht) { /* z of this image, as the forward computed it (same code: bit for bit) */
+                smooth_image(zb, zs, coef_f, vp, t, C, h, w);
+                zb = zs;
+            }
             for (int64_t o = 0; o < C; o++)
                 for (int64_t i = 0; i < C; i++) grad_weight[o * C + i] += dot_lanes(gb + o * hw, zb + i * hw, hw);
         }
@@ -262,7 +278,7 @@ void median_mix_backward(const float *grad, const float *z, const uint8_t *which
                          float *grad_x, float *grad_weight, float *grad_bias, float *pad, float *work, int64_t B,
                          int64_t C, int64_t h, int64_t w) {
     const int64_t hw = h * w, wp = w + 2;
-    smooth_mix_backward(grad, z, weight, NULL, NULL, grad_x, grad_weight, grad_bias, work, B, C, h, w);
+    smooth_mix_backward(grad, z, weight, NULL, NULL, NULL, NULL, grad_x, grad_weight, grad_bias, work, B, C, h, w);
     for (int64_t n = 0; n < B * C; n++) {
         float *gx = grad_x + n * hw;
         median3x3_backward(gx, which + n * hw, pad, 1, h, w); /* gx holds W^T grad, the gradient for z */

@@ -301,6 +301,26 @@ def test_native_linear_block_input_gradients_only(monkeypatch):
 
 
 @needs_native
+@pytest.mark.parametrize("filter", ["gaussian", "mean"])
+def test_native_linear_block_keeps_no_filtered_map(filter):
+    # the C G/M1 block saves its input (an alias of x, which the previous layer keeps anyway) and
+    # recomputes F(x) in the backward for the weight gradient: no new map of x's size per forward
+    block = SmoothBlock(6, width=12, filter=filter)
+    x = _rand(8, 6, 12, 12, seed=13).requires_grad_(True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = block(x)
+    maps = [t for t in saved if t.shape == x.shape]
+    assert maps and all(t.untyped_storage().data_ptr() == x.untyped_storage().data_ptr() for t in maps)
+    # and the weight gradient from the recomputed F(x) is sum_b,p grad_o F(x)_i
+    g = _rand(*x.shape, seed=14)
+    y.backward(g)
+    z = block.smooth(x.detach())
+    expected = torch.einsum("bohw,bihw->oi", g.double(), z.double()).float()
+    torch.testing.assert_close(block.mix.weight.grad[:, :, 0, 0], expected, rtol=1e-5, atol=1e-5)
+
+
+@needs_native
 def test_native_linear_block_is_not_twice_differentiable():
     block = SmoothBlock(3, width=8)
     x = _rand(2, 3, 8, 8, seed=10).requires_grad_(True)
