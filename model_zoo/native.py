@@ -23,8 +23,8 @@ from torch import Tensor
 from salbench.metrics._native import I64, P, NativeLibrary
 
 LIBRARY = NativeLibrary(Path(__file__).with_name("smoothing_kernels.c"), {
-    "median3x3_forward": ([P, P, P, I64, I64, I64], ctypes.c_int),
-    "median3x3_backward": ([P, P, P, I64, I64, I64], None),
+    "median3x3_forward": ([P, P, P, P, I64, I64, I64], ctypes.c_int),
+    "median3x3_backward": ([P, P, P, P, I64, I64, I64], None),
     "smooth_mix_forward": ([P, P, P, P, P, P, P, P, I64, I64, I64, I64], None),
     "smooth_mix_backward": ([P, P, P, P, P, P, P, P, P, P, P, I64, I64, I64, I64], None),
     "median_mix_forward": ([P, P, P, P, P, P, P, P, I64, I64, I64, I64], ctypes.c_int),
@@ -51,6 +51,16 @@ def usable(x: Tensor) -> bool:
     return x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() >= 2 and library() is not None
 
 
+def _median_scratch(h: int, w: int, dtype: torch.dtype) -> Tensor:
+    """The median's per-plane scratch (values / gradients and the routing at the padded width)."""
+    return torch.empty(2 * h * (w + 2), dtype=dtype)
+
+
+def _median_pad(h: int, w: int, dtype: torch.dtype) -> Tensor:
+    """One reflect-padded plane, then the median's scratch."""
+    return torch.empty((h + 2) * (w + 2) + 2 * h * (w + 2), dtype=dtype)
+
+
 def median3x3_forward(xp: Tensor, with_which: bool) -> tuple[Tensor, Tensor | None] | None:
     """Median of each 3x3 window of a padded float32 CPU map ``(..., H + 2, W + 2)`` and, when
     asked, the uint8 index (0..8, raster order) of the neighbour a stable sort puts at rank 4.
@@ -61,7 +71,8 @@ def median3x3_forward(xp: Tensor, with_which: bool) -> tuple[Tensor, Tensor | No
     planes = xp.numel() // ((h + 2) * (w + 2))
     med = torch.empty(*xp.shape[:-2], h, w, dtype=xp.dtype)
     which = torch.empty(med.shape, dtype=torch.uint8) if with_which else None
-    if lib.median3x3_forward(xp.data_ptr(), med.data_ptr(), _ptr(which), planes, h, w):
+    scratch = _median_scratch(h, w, xp.dtype)
+    if lib.median3x3_forward(xp.data_ptr(), med.data_ptr(), _ptr(which), scratch.data_ptr(), planes, h, w):
         return None
     return med, which
 
@@ -73,7 +84,8 @@ def median3x3_backward(grad: Tensor, which: Tensor) -> Tensor:
     h, w = which.shape[-2:]
     planes = which.numel() // (h * w)
     gp = torch.empty(*which.shape[:-2], h + 2, w + 2, dtype=grad.dtype)
-    lib.median3x3_backward(grad.data_ptr(), which.data_ptr(), gp.data_ptr(), planes, h, w)
+    scratch = _median_scratch(h, w, grad.dtype)
+    lib.median3x3_backward(grad.data_ptr(), which.data_ptr(), gp.data_ptr(), scratch.data_ptr(), planes, h, w)
     return gp
 
 
@@ -119,7 +131,7 @@ def median_mix_forward(x: Tensor, weight: Tensor, bias: Tensor, with_which: bool
     b, c, h, w = x.shape
     z, out = torch.empty_like(x), torch.empty_like(x)
     which = torch.empty(x.shape, dtype=torch.uint8) if with_which else None
-    pad, work = torch.empty((h + 2) * (w + 2), dtype=x.dtype), _work(c, h, w, x.dtype, False)
+    pad, work = _median_pad(h, w, x.dtype), _work(c, h, w, x.dtype, False)
     if library().median_mix_forward(x.data_ptr(), weight.data_ptr(), bias.data_ptr(), z.data_ptr(), _ptr(which),
                                     out.data_ptr(), pad.data_ptr(), work.data_ptr(), b, c, h, w):
         return None
@@ -134,7 +146,7 @@ def median_mix_backward(grad: Tensor, z: Tensor, which: Tensor, weight: Tensor, 
     grad_x = torch.empty_like(grad)
     gw = torch.zeros(c, c, dtype=grad.dtype) if need_weight else None
     gb = torch.zeros(c, dtype=grad.dtype) if need_bias else None
-    pad, work = torch.empty((h + 2) * (w + 2), dtype=grad.dtype), _work(c, h, w, grad.dtype, True)
+    pad, work = _median_pad(h, w, grad.dtype), _work(c, h, w, grad.dtype, True)
     library().median_mix_backward(grad.data_ptr(), z.data_ptr(), which.data_ptr(), weight.data_ptr(),
                                   grad_x.data_ptr(), _ptr(gw), _ptr(gb), pad.data_ptr(), work.data_ptr(), b, c, h, w)
     return grad_x, gw, gb

@@ -37,68 +37,94 @@ static inline float median9(const float *v) {
     return MIN(p4, p2);
 }
 
-/* xp: (planes, h + 2, w + 2) padded input; med: (planes, h, w); which: (planes, h, w) or NULL.
- * Two straight-line loops per row (the value, then the routing) so that the compiler vectorises
- * them over x: the data-dependent branches of a sort would be mispredicted on real maps. */
-int median3x3_forward(const float *xp, float *med, uint8_t *which, int64_t planes, int64_t h, int64_t w) {
-    const int64_t wp = w + 2, plane_in = (h + 2) * wp, plane_out = h * w;
-    for (int64_t n = 0; n < planes; n++) {
-        const float *src = xp + n * plane_in;
-        float *dst = med + n * plane_out;
-        int nan = 0;
-        for (int64_t i = 0; i < plane_in; i++) nan |= src[i] != src[i];
-        if (nan) return 1;  /* the caller falls back to the torch path, which propagates NaN */
-        for (int64_t y = 0; y < h; y++) {
-            const float *r0 = src + y * wp, *r1 = r0 + wp, *r2 = r1 + wp;
-            float *d = dst + y * w;
-            for (int64_t x = 0; x < w; x++) {
-                float v[9] = {r0[x], r0[x + 1], r0[x + 2], r1[x], r1[x + 1], r1[x + 2], r2[x], r2[x + 1], r2[x + 2]};
-                d[x] = median9(v);
-            }
-            if (!which) continue;
-            uint8_t *wd = which + n * plane_out + y * w;
-            for (int64_t x = 0; x < w; x++) {
-                const float m = d[x];
-                const float v[9] = {r0[x], r0[x + 1], r0[x + 2], r1[x], r1[x + 1], r1[x + 2], r2[x], r2[x + 1], r2[x + 2]};
-                int less = 0;
-                for (int k = 0; k < 9; k++) less += v[k] < m;
-                const int target = 4 - less;
-                int seen = 0, k_sel = 0;
-                for (int k = 0; k < 9; k++) {
-                    const int eq = v[k] == m;
-                    k_sel = (eq & (seen == target)) ? k : k_sel;
-                    seen += eq;
-                }
-                wd[x] = (uint8_t)k_sel;
-            }
-        }
+/* One padded plane src (h + 2, w + 2) -> dst (h, w), which (h, w) or NULL. The loops run flat over
+ * the plane in the padded width (wp = w + 2): position q = y wp + x has its 3x3 window at
+ * src[q + {0, 1, 2} + {0, wp, 2 wp}], and the two columns x = w, w + 1 of each row are computed
+ * and dropped. Rows of a LeNet map are 12 pixels, too short for the vector loops (64 uint8 lanes
+ * with AVX-512): flat, one loop covers the plane. mf: h wp floats, wf: h wp bytes of scratch.
+ * Returns 1 if the plane holds a NaN. */
+static int median_plane(const float *restrict src, float *restrict dst, uint8_t *restrict which, int64_t h,
+                        int64_t w, float *restrict mf, uint8_t *restrict wf) {
+    const int64_t wp = w + 2, nf = h * wp - 2; /* q < nf covers every kept position, reads stay in src */
+    int nan = 0;
+    for (int64_t i = 0; i < (h + 2) * wp; i++) nan |= src[i] != src[i];
+    if (nan) return 1; /* the caller falls back to the torch path, which propagates NaN */
+    for (int64_t q = 0; q < nf; q++) {
+        const float *r = src + q;
+        float v[9] = {r[0], r[1], r[2], r[wp], r[wp + 1], r[wp + 2], r[2 * wp], r[2 * wp + 1], r[2 * wp + 2]};
+        mf[q] = median9(v);
     }
+    if (which)
+        for (int64_t q = 0; q < nf; q++) {
+            const float *r = src + q;
+            const float m = mf[q];
+            const float v[9] = {r[0], r[1], r[2], r[wp], r[wp + 1], r[wp + 2], r[2 * wp], r[2 * wp + 1], r[2 * wp + 2]};
+            int less = 0;
+            for (int k = 0; k < 9; k++) less += v[k] < m;
+            const int target = 4 - less;
+            int seen = 0, k_sel = 0;
+            for (int k = 0; k < 9; k++) {
+                const int eq = v[k] == m;
+                k_sel = (eq & (seen == target)) ? k : k_sel;
+                seen += eq;
+            }
+            wf[q] = (uint8_t)k_sel;
+        }
+    for (int64_t y = 0; y < h; y++)
+        for (int64_t x = 0; x < w; x++) {
+            dst[y * w + x] = mf[y * wp + x];
+            if (which) which[y * w + x] = wf[y * wp + x];
+        }
     return 0;
 }
 
-/* grad, which: (planes, h, w); gp: (planes, h + 2, w + 2), fully written. Per plane: zero, then
- * nine masked shifted additions in k order, the torch path's additions in the torch path's order. */
-void median3x3_backward(const float *grad, const uint8_t *which, float *gp, int64_t planes, int64_t h, int64_t w) {
-    const int64_t wp = w + 2, plane_out = h * w, plane_in = (h + 2) * wp;
-    for (int64_t n = 0; n < planes; n++) {
-        const float *g = grad + n * plane_out;
-        const uint8_t *wh = which + n * plane_out;
-        float *dst = gp + n * plane_in;
-        for (int64_t i = 0; i < plane_in; i++) dst[i] = 0.0f;
-        for (int k = 0; k < 9; k++) {
-            const int64_t di = k / 3, dj = k % 3;
-            for (int64_t y = 0; y < h; y++) {
-                float *restrict drow = dst + (y + di) * wp + dj;
-                const float *restrict grow = g + y * w;
-                const uint8_t *restrict wrow = wh + y * w;
-                const uint8_t kk = (uint8_t)k;
-                for (int64_t x = 0; x < w; x++) {
-                    const float gv = grow[x];  /* loaded unconditionally, so the select vectorises */
-                    drow[x] += wrow[x] == kk ? gv : 0.0f;
-                }
-            }
+/* Gradient of one plane: g, which (h, w) -> gp (h + 2, w + 2), fully written: zero, then nine masked
+ * shifted additions in k order, the torch path's additions in the torch path's order. Flat in the
+ * padded width as the forward: g and which are first laid out at width wp (gf, wf: h wp floats /
+ * bytes of scratch), the two extra columns with which = 255, so they add +0.0f (which leaves every
+ * sum, never -0.0f as it starts from +0.0f, bit for bit unchanged). */
+static void median_plane_backward(const float *restrict g, const uint8_t *restrict which, float *restrict gp,
+                                  int64_t h, int64_t w, float *restrict gf, uint8_t *restrict wf) {
+    const int64_t wp = w + 2, nf = h * wp - 2;
+    for (int64_t y = 0; y < h; y++) {
+        for (int64_t x = 0; x < w; x++) {
+            gf[y * wp + x] = g[y * w + x];
+            wf[y * wp + x] = which[y * w + x];
+        }
+        gf[y * wp + w] = gf[y * wp + w + 1] = 0.0f;
+        wf[y * wp + w] = wf[y * wp + w + 1] = 255;
+    }
+    for (int64_t i = 0; i < (h + 2) * wp; i++) gp[i] = 0.0f;
+    for (int k = 0; k < 9; k++) {
+        float *restrict d = gp + (k / 3) * wp + k % 3;
+        const uint8_t kk = (uint8_t)k;
+        for (int64_t q = 0; q < nf; q++) {
+            const float gv = gf[q]; /* loaded unconditionally, so the select vectorises */
+            d[q] += wf[q] == kk ? gv : 0.0f;
         }
     }
+}
+
+/* xp: (planes, h + 2, w + 2) padded input; med: (planes, h, w); which: (planes, h, w) or NULL;
+ * scratch: 2 h (w + 2) floats. Returns 1 (nothing that counts written) if a plane holds a NaN. */
+int median3x3_forward(const float *xp, float *med, uint8_t *which, float *scratch, int64_t planes, int64_t h,
+                      int64_t w) {
+    const int64_t plane_in = (h + 2) * (w + 2), plane_out = h * w;
+    uint8_t *wf = (uint8_t *)(scratch + h * (w + 2));
+    for (int64_t n = 0; n < planes; n++)
+        if (median_plane(xp + n * plane_in, med + n * plane_out, which ? which + n * plane_out : NULL, h, w,
+                         scratch, wf))
+            return 1;
+    return 0;
+}
+
+/* grad, which: (planes, h, w); gp: (planes, h + 2, w + 2), fully written; scratch: 2 h (w + 2) floats. */
+void median3x3_backward(const float *grad, const uint8_t *which, float *gp, float *scratch, int64_t planes,
+                        int64_t h, int64_t w) {
+    const int64_t plane_out = h * w, plane_in = (h + 2) * (w + 2);
+    uint8_t *wf = (uint8_t *)(scratch + h * (w + 2));
+    for (int64_t n = 0; n < planes; n++)
+        median_plane_backward(grad + n * plane_out, which + n * plane_out, gp + n * plane_in, h, w, scratch, wf);
 }
 
 
@@ -245,11 +271,11 @@ void smooth_mix_backward(const float *grad, const float *src, const float *weigh
 
 /* ------------------------------------------------------------------------------- median SmoothBlock
  * The M2 block y = x + W median3x3(x) + b in one call each way: kornia's reflect border, the median
- * and its routing index (median3x3_forward, unchanged), then the mixing and residual as above; the
+ * and its routing index (median3x3_forward), then the mixing and residual as above; the
  * backward routes W^T grad through the median (median3x3_backward), folds the padded gradient back
  * with the reflect border's transpose (raster order, as torch's reflection-pad backward adds) and
  * adds the residual's gradient. x, z, out, grad_x: (B, C, H, W); which: (B, C, H, W) uint8; pad:
- * (H + 2)(W + 2) floats; work: as for smooth_mix_*. Returns 1 (nothing written that counts) if a map
+ * (H + 2)(W + 2) floats, then the median's 2 H (W + 2) floats of scratch; work: as for smooth_mix_*. Returns 1 (nothing written that counts) if a map
  * holds a NaN: the caller takes the torch path. */
 static void reflect_pad(const float *restrict v, float *restrict p, int64_t h, int64_t w) {
     const int64_t wp = w + 2;
@@ -266,9 +292,10 @@ static void reflect_pad(const float *restrict v, float *restrict p, int64_t h, i
 int median_mix_forward(const float *x, const float *weight, const float *bias, float *z, uint8_t *which, float *out,
                        float *pad, float *work, int64_t B, int64_t C, int64_t h, int64_t w) {
     const int64_t hw = h * w;
+    float *scratch = pad + (h + 2) * (w + 2);
     for (int64_t n = 0; n < B * C; n++) {
         reflect_pad(x + n * hw, pad, h, w);
-        if (median3x3_forward(pad, z + n * hw, which ? which + n * hw : NULL, 1, h, w)) return 1;
+        if (median3x3_forward(pad, z + n * hw, which ? which + n * hw : NULL, scratch, 1, h, w)) return 1;
     }
     smooth_mix_forward(x, weight, bias, NULL, NULL, z, out, work, B, C, h, w);
     return 0;
@@ -278,10 +305,11 @@ void median_mix_backward(const float *grad, const float *z, const uint8_t *which
                          float *grad_x, float *grad_weight, float *grad_bias, float *pad, float *work, int64_t B,
                          int64_t C, int64_t h, int64_t w) {
     const int64_t hw = h * w, wp = w + 2;
+    float *scratch = pad + (h + 2) * wp;
     smooth_mix_backward(grad, z, weight, NULL, NULL, NULL, NULL, grad_x, grad_weight, grad_bias, work, B, C, h, w);
     for (int64_t n = 0; n < B * C; n++) {
         float *gx = grad_x + n * hw;
-        median3x3_backward(gx, which + n * hw, pad, 1, h, w); /* gx holds W^T grad, the gradient for z */
+        median3x3_backward(gx, which + n * hw, pad, scratch, 1, h, w); /* gx holds W^T grad, the gradient for z */
         for (int64_t p = 0; p < hw; p++) gx[p] = 0.0f;
         for (int64_t i = 0; i < h + 2; i++) {
             const int64_t si = i == 0 ? 1 : (i == h + 1 ? h - 2 : i - 1);
