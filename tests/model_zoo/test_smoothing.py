@@ -168,7 +168,8 @@ def _plateau_map(shape, seed):
 
 
 @needs_native
-@pytest.mark.parametrize("shape", [(2, 3, 8, 8), (4, 6, 12, 12), (1, 1, 3, 3), (2, 5, 7, 13), (3, 9, 4)])
+@pytest.mark.parametrize("shape", [(2, 3, 8, 8), (4, 6, 12, 12), (1, 1, 3, 3), (2, 5, 7, 13), (3, 9, 4),
+                                   (2, 4, 32, 32), (1, 2, 9, 70)])  # the last two: full vector loops
 def test_native_median_is_bit_identical_to_the_torch_path(shape):
     """Value, routing index and gradient of the C kernel equal the torch path exactly."""
     x = _plateau_map(shape, seed=sum(shape))
