@@ -104,6 +104,11 @@ def make_optimizer(setup: Setup, model: torch.nn.Module) -> torch.optim.Optimize
     return torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
 
 
+def step_function(setup: Setup):
+    """``step_fn(model, opt, x, y, gen)`` for :func:`measure`: one adversarial training step of ``setup``."""
+    return lambda model, opt, x, y, gen: adversarial_step(model, opt, x, y, setup.attack, gen)
+
+
 def adversarial_step(model, opt, x, y, attack: dict, gen: torch.Generator) -> float:
     """One step of ``model_zoo.training.train`` for an adversarial recipe; returns the loss."""
     model.eval()
@@ -133,16 +138,17 @@ class Timings:
 
 
 def measure(setup: Setup, step_fn, *, rounds: int | None = None, budget_s: float = 120.0, min_rounds: int = 5,
-            max_rounds: int = 200, warmup: int = 1, variants=tuple(VARIANTS), log=print) -> Timings:
+            max_rounds: int = 200, warmup: int = 1, variants=tuple(VARIANTS), paths=PATHS, log=print) -> Timings:
     """Interleaved timing of ``step_fn(model, opt, x, y, gen)`` for every (variant, path).
 
     Rounds continue until ``rounds`` (if given) or until ``budget_s`` is spent (at least
-    ``min_rounds``). Returns every round's times and ratios to A.
+    ``min_rounds``). Returns every round's times and ratios to A (the mean of A's timings in
+    the round, one per path).
     """
     x, y = make_batch(setup)
     models = {v: make_model(setup, v) for v in variants}
     opts = {v: make_optimizer(setup, m) for v, m in models.items()}
-    keys = [(v, p) for v in variants for p in PATHS]
+    keys = [(v, p) for v in variants for p in paths]
     out = Timings({k: [] for k in keys}, {k: [] for k in keys})
     t_start = time.perf_counter()
     r = -warmup
@@ -160,7 +166,7 @@ def measure(setup: Setup, step_fn, *, rounds: int | None = None, budget_s: float
                 step_fn(models[v], opts[v], x, y, gen)
                 this[(v, p)] = time.perf_counter() - t0
         if r >= 0:
-            t_a = (this[("A", "new")] + this[("A", "reference")]) / 2 if "A" in variants else 1.0
+            t_a = statistics.fmean(this[("A", p)] for p in paths) if "A" in variants else 1.0
             for k, t in this.items():
                 out.times[k].append(t)
                 out.ratios[k].append(t / t_a)
@@ -230,7 +236,7 @@ def main(argv=None) -> int:
     for arch in args.archs:
         setup = SETUPS[arch]
         print(f"{setup.label}: interleaved rounds for {budgets[arch]:.0f} s", flush=True)
-        res = measure(setup, lambda m, o, x, y, g, s=setup: adversarial_step(m, o, x, y, s.attack, g),
+        res = measure(setup, step_function(setup),
                       budget_s=budgets[arch], log=lambda s: print(s, flush=True))
         results[arch], rounds[arch] = res, len(res.times[("A", "new")])
     load_after = os.getloadavg()

@@ -19,7 +19,11 @@ Asserted (each can fail):
 * the new M2 step is faster than the reference M2 step, and so is a M2 block alone;
 * the new G/M1 block alone (forward + backward) is not slower than the reference block.
 
-The full adversarial-step table (real PGD) is ``benchmarks/smoothing_step_table.py``.
+Issue 13's step targets (G, M1 <= 1.10x A, M2 <= 1.5x A) are rows of their own, on the issue's
+unit: a whole adversarial training step (``test_adversarial_step_vs_A``, new path only; reported
+against the target, asserted only against a looser regression guard, since these ratios move by a
+few points with the machine's load). The longer table with the old path beside it is
+``benchmarks/smoothing_step_table.py``.
 """
 
 from __future__ import annotations
@@ -33,10 +37,12 @@ import torch
 import torch.nn.functional as F
 
 from salbench.model_zoo.smoothing import SmoothBlock
-from smoothing_step_table import SETUPS, VARIANTS, make_batch, make_model, measure, smoothing_path
+from smoothing_step_table import SETUPS, VARIANTS, make_batch, make_model, measure, smoothing_path, step_function
 
 ROUNDS = {"lenet": 30, "resnet8": 5}
-#: Issue 13's limits on a training step with each SmoothBlock, as a multiple of A's step.
+#: Rounds of whole adversarial steps (new path, 4 variants): ~0.75 s a LeNet round, ~3.4 s a ResNet-8 one.
+ADV_ROUNDS = {"lenet": 30, "resnet8": 12}
+#: Issue 13's limits on an adversarial training step with each SmoothBlock, as a multiple of A's step.
 STEP_LIMIT_X_A = {"G": 1.10, "M1": 1.10, "M2": 1.5}
 # feature map at the SmoothBlock (placement 1): LeNet (32, 6, 12, 12), ResNet-8 (128, 16, 32, 32)
 BLOCK_SHAPES = {"lenet": (32, 6, 12, 12), "resnet8": (128, 16, 32, 32)}
@@ -186,10 +192,6 @@ def test_step_overhead_vs_reference(benchmark, record, arch):
         record(benchmark, f"{arch} {v} step (fwd+bwd + PGD step)", res.median((v, "new")),
                res.median((v, "reference")), 1.0, new_x_A=round(new, 3), reference_x_A=round(ref, 3),
                paired_speedup=round(speed, 3))
-        # issue 13's target, as a ratio like every other row: A's step time / this variant's (>= 1 / limit)
-        limit = STEP_LIMIT_X_A[v]
-        record(benchmark, f"{arch} {v} step vs A step (target <= {limit:g}x A)", res.median((v, "new")),
-               res.median(("A", "new")), round(1.0 / limit, 3), paired_x_A=round(new, 3))
         lines.append((v, new, ref, speed))
     benchmark.extra_info.update({f"{v}_ratio_new": n for v, n, _, _ in lines})
     benchmark.extra_info.update({f"{v}_ratio_reference": r for v, _, r, _ in lines})
@@ -198,6 +200,30 @@ def test_step_overhead_vs_reference(benchmark, record, arch):
             assert new < ref, f"{arch} {v}: new overhead {new:.3f}x A is not below the reference's {ref:.3f}x A"
         else:
             assert speed > 1.0, f"{arch} M2: new step is not faster than the reference (paired speed-up {speed:.3f})"
+
+
+@pytest.mark.parametrize("arch", list(SETUPS))
+def test_adversarial_step_vs_A(benchmark, record, arch):
+    """Issue 13's targets on its own unit: one whole adversarial training step (PGD-40 on LeNet,
+    PGD-5 on ResNet-8, then the training forward+backward and the optimizer step), each variant's
+    step time as a multiple of A's, interleaved rounds, new path only."""
+    setup = SETUPS[arch]
+    res = benchmark.pedantic(
+        lambda: measure(setup, step_function(setup), rounds=ADV_ROUNDS[arch], paths=("new",), log=None),
+        rounds=1, iterations=1)
+    for v in VARIANTS:
+        if v == "A":
+            continue
+        limit = STEP_LIMIT_X_A[v]
+        lo, hi = res.ratio_iqr((v, "new"))
+        # a ratio like every other row: A's step time / this variant's, against 1 / limit
+        record(benchmark, f"{arch} {v} adversarial step vs A step (target <= {limit:g}x A)",
+               res.median((v, "new")), res.median(("A", "new")), round(1.0 / limit, 3),
+               paired_x_A=round(res.ratio((v, "new")), 3), iqr_x_A=f"{lo:.3f}-{hi:.3f}", rounds=ADV_ROUNDS[arch])
+        benchmark.extra_info[f"{v}_x_A"] = res.ratio((v, "new"))
+    # a regression guard, not the target: the torch path's G/M1 gave 1.19-1.22x and M2 2.5-5.5x
+    for v, guard in (("G", 1.17), ("M1", 1.17), ("M2", 1.6)):
+        assert res.ratio((v, "new")) <= guard, f"{arch} {v}: adversarial step {res.ratio((v, 'new')):.3f}x A > {guard}x"
 
 
 @pytest.mark.parametrize("arch", list(SETUPS))
