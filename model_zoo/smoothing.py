@@ -142,11 +142,13 @@ class _SmoothMix(torch.autograd.Function):
     def forward(ctx, x: Tensor, z: Tensor | None, weight: Tensor, bias: Tensor, taps: tuple[Tensor, ...] | None):
         c = x.shape[1]
         w2 = weight.detach().reshape(c, c).contiguous()
-        src = x.detach().contiguous() if z is None else z.detach().contiguous()
-        if z is None:
-            out = native.smooth_mix_forward(src, w2, bias.detach().contiguous(), *taps[:2])
-        else:
-            out = native.smooth_mix_forward(x.detach().contiguous(), w2, bias.detach().contiguous(), None, None, z=src)
+        xc, b = x.detach().contiguous(), bias.detach().contiguous()
+        if z is None:  # G / M1: the backward recomputes F(x) from x
+            src = xc
+            out = native.smooth_mix_forward(xc, w2, b, *taps[:2])
+        else:  # M2: z = F(x) given
+            src = z.detach().contiguous()
+            out = native.smooth_mix_forward(xc, w2, b, None, None, z=src)
         ctx.save_for_backward(src, w2)
         ctx.taps = taps
         ctx.given_z = z is not None
