@@ -5,6 +5,11 @@ TEMPORARY result store and compares every per-image value with the committed res
 ``leaderboards/results/fmnist/``: Gini, ROS, SSIM (per σ, and which images were kept), ROAD (per
 image and level), correctness on the set, the natural/robust accuracies and the aggregates.
 
+``--paths new ulp`` adds a float-tolerance probe: the same model with every parameter moved by one
+ulp (``torch.nextafter`` toward +inf), scored with the new path. It differs from the committed
+model by float rounding only, so ``ulp`` vs ``new`` shows how far each aggregate moves under a
+rounding-level change of the network: the yardstick for "unchanged within float tolerance".
+
 ``--paths new reference`` scores each model twice: with the new ``SmoothBlock.forward`` and with
 the pre-3315f5e formula ``x + mix(smooth_reference(x))`` (reflect pad + depthwise conv /
 unfold + sort). The reference run is the control: it shows how far a re-score of the *old* code
@@ -107,10 +112,14 @@ def rescore(model_id: str, path: str, imageset, test_split) -> dict:
     from salbench.benchmark.scoring import ScoreConfig, score
     from salbench.model_zoo import zoo
 
-    SmoothBlock.forward = NEW_FORWARD if path == "new" else reference_forward
+    SmoothBlock.forward = reference_forward if path == "reference" else NEW_FORWARD
     try:
         model = zoo.load(model_id)
         assert model.smooth is not None, f"{model_id} has no SmoothBlock"
+        if path == "ulp":  # the float-tolerance probe: every parameter one ulp up
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.copy_(torch.nextafter(p, torch.full_like(p, math.inf)))
         t0 = time.perf_counter()
         res = score(model, imageset, ScoreConfig(), test_split=test_split, progress=False).to_dict()
         res["rescore_seconds"] = time.perf_counter() - t0
@@ -156,18 +165,70 @@ def markdown(report: dict) -> str:
                          f"VG and IG) = {_fmt(max(finite) if finite else 0.0)} (at {worst}); "
                          + ", ".join(f"{k} accuracy {_fmt(v)}" for k, v in acc.items())
                          + f". Scoring took {per_path[p]['seconds']:.0f} s.")
+        if model_id in report.get("ulp_vs_new", {}):
+            lines += _tolerance_table(report, model_id)
         lines.append("")
     return "\n".join(lines)
+
+
+def _tolerance_table(report: dict, model_id: str) -> list[str]:
+    """Each aggregate's change new vs committed beside its change under the one-ulp probe."""
+    new = report["models"][model_id]["new"]["summary"]
+    ulp = report["ulp_vs_new"][model_id]["summary"]
+    keys = [k for k in new if k.split("/", 1)[1] in ("gini", "ssim_mean", "log10_ros", "ros_nan_fraction", "aopc")]
+    out = ["", "Float tolerance: each aggregate's change under this code (new vs committed) beside its change "
+           "when every parameter moves by one ulp (ulp vs new; the same code):", "",
+           "| aggregate | new vs committed | ulp vs new |", "| --- | --- | --- |"]
+    for k in keys:
+        a, b = new.get(k), ulp.get(k)
+        out.append(f"| {k} | {'n/a' if a is None else _fmt(a)} | {'n/a' if b is None else _fmt(b)} |")
+    finite = [v for v in ulp.values() if v is not None]
+    worst = max((k for k in ulp if ulp[k] is not None), key=lambda k: ulp[k], default=None)
+    out.append(f"\nulp vs new, aggregates: max |difference| over the {len(ulp)} summary values = "
+               f"{_fmt(max(finite) if finite else 0.0)} (at {worst}).")
+    return out
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--ids", nargs="+", default=list(DEFAULT_IDS))
-    ap.add_argument("--paths", nargs="+", choices=("new", "reference"), default=["new"])
+    ap.add_argument("--paths", nargs="+", choices=("new", "reference", "ulp"), default=["new"])
+    ap.add_argument("--section", default="rescore", help="the generated section of the doc to write")
+    ap.add_argument("--context", default="2 cores shared with two training processes and other sessions' test runs",
+                    help="what else ran on the machine, for the doc")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--write-doc", action="store_true", help=f"write the section of {DOC.relative_to(REPO)}")
+    ap.add_argument("--render", metavar="JSON", help="no scoring: render a saved equivalence.json (with --write-doc)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.render:
+        report = json.loads(Path(args.render).read_text())
+    else:
+        report = _rescore_all(args)
+    md = markdown(report)
+    print(md)
+    if args.write_doc:
+        cmd = ("SALBENCH_LEADERBOARDS_DIR=$(mktemp -d) .venv/bin/python benchmarks/rescore_equivalence.py "
+               f"--ids {' '.join(args.ids)} --paths {' '.join(args.paths)} --section {args.section} --write-doc")
+        la, lb = report["load_before"], report["load_after"]
+        title = ("Do committed checkpoints keep their scores, within float tolerance? (one-ulp probe)"
+                 if "ulp" in args.paths else "Do committed checkpoints keep their scores?")
+        head = (f"## {title}\n\n"
+                f"Re-scored with `{cmd}` (torch {report['torch']}, {report['threads']} thread(s), CPU, full FMNIST "
+                f"protocol: VG and IG, 1000 images, default `ScoreConfig`, natural and robust accuracy) into a "
+                f"temporary result store, compared value by value with the committed "
+                f"`leaderboards/results/fmnist/*.json`. Load average during the run: {la[0]:.1f} before, "
+                f"{lb[0]:.1f} after ({args.context}). `ssim_kept`, `road` and `correct` "
+                f"are 0/1 values, so their max abs difference is 0 or 1 and '#differing' counts flipped "
+                f"entries. SSIM/ROS entries that are NaN (image not kept / ROS undefined) are compared as a "
+                f"pattern.\n\n")
+        write_section(DOC, args.section, head + md)
+        print(f"wrote {DOC}")
+    return 0
+
+
+def _rescore_all(args) -> dict:
+    """Score every (model, path) of ``args`` into the temporary store and compare; the report."""
 
     from salbench.benchmark.imagesets import load_imageset
     from salbench.model_zoo import zoo
@@ -201,26 +262,11 @@ def main(argv=None) -> int:
                   f"{_fmt(max((v for v in cmp['summary'].values() if v is not None), default=0.0))}", flush=True)
         if {"new", "reference"} <= set(fresh):
             report["new_vs_reference"][model_id] = compare(fresh["new"], fresh["reference"])
+        if {"new", "ulp"} <= set(fresh):
+            report.setdefault("ulp_vs_new", {})[model_id] = compare(fresh["ulp"], fresh["new"])
     report["load_after"] = os.getloadavg()
     (store / "equivalence.json").write_text(json.dumps(report, indent=1))
-    md = markdown(report)
-    print(md)
-    if args.write_doc:
-        cmd = ("SALBENCH_LEADERBOARDS_DIR=$(mktemp -d) .venv/bin/python benchmarks/rescore_equivalence.py "
-               f"--paths {' '.join(args.paths)} --write-doc")
-        la, lb = report["load_before"], report["load_after"]
-        head = (f"## Do committed checkpoints keep their scores?\n\n"
-                f"Re-scored with `{cmd}` (torch {torch.__version__}, {args.threads} thread(s), CPU, full FMNIST "
-                f"protocol: VG and IG, 1000 images, default `ScoreConfig`, natural and robust accuracy) into a "
-                f"temporary result store, compared value by value with the committed "
-                f"`leaderboards/results/fmnist/*.json`. Load average during the run: {la[0]:.1f} before, "
-                f"{lb[0]:.1f} after (2 cores shared with two training processes and other sessions' test runs). `ssim_kept`, `road` and `correct` "
-                f"are 0/1 values, so their max abs difference is 0 or 1 and '#differing' counts flipped "
-                f"entries. SSIM/ROS entries that are NaN (image not kept / ROS undefined) are compared as a "
-                f"pattern.\n\n")
-        write_section(DOC, "rescore", head + md)
-        print(f"wrote {DOC}")
-    return 0
+    return report
 
 
 if __name__ == "__main__":
