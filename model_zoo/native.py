@@ -51,14 +51,10 @@ def usable(x: Tensor) -> bool:
     return x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() >= 2 and library() is not None
 
 
-def _median_scratch(h: int, w: int, dtype: torch.dtype) -> Tensor:
-    """The median's per-plane scratch (values / gradients and the routing at the padded width)."""
-    return torch.empty(2 * h * (w + 2), dtype=dtype)
-
-
-def _median_pad(h: int, w: int, dtype: torch.dtype) -> Tensor:
-    """One reflect-padded plane, then the median's scratch."""
-    return torch.empty((h + 2) * (w + 2) + 2 * h * (w + 2), dtype=dtype)
+def _median_scratch(h: int, w: int, dtype: torch.dtype, padded_plane: bool = False) -> Tensor:
+    """The median's per-plane scratch (values / gradients and the routing at the padded width),
+    after one reflect-padded plane if ``padded_plane`` (the fused M2 block's ``pad`` buffer)."""
+    return torch.empty(((h + 2) * (w + 2) if padded_plane else 0) + 2 * h * (w + 2), dtype=dtype)
 
 
 def median3x3_forward(xp: Tensor, with_which: bool) -> tuple[Tensor, Tensor | None] | None:
@@ -131,7 +127,7 @@ def median_mix_forward(x: Tensor, weight: Tensor, bias: Tensor, with_which: bool
     b, c, h, w = x.shape
     z, out = torch.empty_like(x), torch.empty_like(x)
     which = torch.empty(x.shape, dtype=torch.uint8) if with_which else None
-    pad, work = _median_pad(h, w, x.dtype), _work(c, h, w, x.dtype, False)
+    pad, work = _median_scratch(h, w, x.dtype, padded_plane=True), _work(c, h, w, x.dtype, False)
     if library().median_mix_forward(x.data_ptr(), weight.data_ptr(), bias.data_ptr(), z.data_ptr(), _ptr(which),
                                     out.data_ptr(), pad.data_ptr(), work.data_ptr(), b, c, h, w):
         return None
@@ -146,7 +142,7 @@ def median_mix_backward(grad: Tensor, z: Tensor, which: Tensor, weight: Tensor, 
     grad_x = torch.empty_like(grad)
     gw = torch.zeros(c, c, dtype=grad.dtype) if need_weight else None
     gb = torch.zeros(c, dtype=grad.dtype) if need_bias else None
-    pad, work = _median_pad(h, w, grad.dtype), _work(c, h, w, grad.dtype, True)
+    pad, work = _median_scratch(h, w, grad.dtype, padded_plane=True), _work(c, h, w, grad.dtype, True)
     library().median_mix_backward(grad.data_ptr(), z.data_ptr(), which.data_ptr(), weight.data_ptr(),
                                   grad_x.data_ptr(), _ptr(gw), _ptr(gb), pad.data_ptr(), work.data_ptr(), b, c, h, w)
     return grad_x, gw, gb
