@@ -194,8 +194,8 @@ def comparisons_table(results: list[dict], reference_ids: dict[str, str] | None 
     return pd.DataFrame(rows, columns=cols)
 
 
-_SPREAD_METRICS = ("natural_acc", "robust_acc", "acc_on_set", "gini", "ssim_mean", "log10_ros", "ros_nan_fraction",
-                   "aopc")
+_SPREAD_METRICS = ("natural_acc", "robust_acc", "autoattack_acc", "pgd_minus_autoattack", "acc_on_set", "gini",
+                   "ssim_mean", "log10_ros", "ros_nan_fraction", "aopc")
 
 
 def variants_table(main: pd.DataFrame) -> pd.DataFrame:
@@ -206,8 +206,10 @@ def variants_table(main: pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame(columns=["recipe", "variant", "preset", "method", "metric", "n_seeds", "seeds", "mean",
                                      "std", "min", "max"])
     zoo = zoo.assign(recipe=[recipe_of({"id": i}) for i in zoo["id"]])
+    if "autoattack_acc" in zoo.columns:  # a card without AutoAttack gives NaN, and so does its recipe's spread
+        zoo = zoo.assign(pgd_minus_autoattack=zoo["robust_acc"].astype(float) - zoo["autoattack_acc"].astype(float))
     for (recipe, method), g in zoo.groupby(["recipe", "method"], sort=False):
-        for metric in _SPREAD_METRICS:
+        for metric in (m for m in _SPREAD_METRICS if m in g.columns):
             v = g[metric].astype(float).to_numpy()
             rows.append({"recipe": recipe, "variant": g["variant"].iloc[0], "preset": g["preset"].iloc[0],
                          "method": method, "metric": metric, "n_seeds": len(v),

@@ -225,13 +225,17 @@ def test_glance_table_has_no_column_for_a_seed_without_a_model_pair():
 
 def test_variants_table_spreads_over_seeds():
     rs = [_result("d-A-p", "A"), _result("d-A-p-s1", "A", seed_shift=0.1), _result("d-A-p-s2", "A", seed_shift=0.2)]
-    main = leaderboard_tables(rs)["main"]
+    main = leaderboard_tables(rs, autoattack={"d-A-p": 0.55, "d-A-p-s1": 0.57, "d-A-p-s2": 0.50})["main"]
     v = variants_table(main)
     g = v[(v["recipe"] == "d-A-p") & (v["metric"] == "gini")].iloc[0]
     assert g["n_seeds"] == 3 and g["seeds"] == "0 1 2"
     vals = sorted(main["gini"])
     assert g["mean"] == pytest.approx(np.mean(vals)) and g["std"] == pytest.approx(np.std(vals, ddof=1))
     assert g["min"] == pytest.approx(vals[0]) and g["max"] == pytest.approx(vals[-1])
+    aa = v[(v["recipe"] == "d-A-p") & (v["metric"] == "autoattack_acc")].iloc[0]
+    assert aa["mean"] == pytest.approx(np.mean([0.55, 0.57, 0.50])) and aa["std"] == pytest.approx(0.0360555, abs=1e-6)
+    gap = v[(v["recipe"] == "d-A-p") & (v["metric"] == "pgd_minus_autoattack")].iloc[0]  # robust 0.6 on every card
+    assert (gap["min"], gap["max"]) == (pytest.approx(0.03), pytest.approx(0.10))
 
 
 def test_claim_status_and_across_seeds():
