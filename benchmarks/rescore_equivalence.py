@@ -197,6 +197,7 @@ def main(argv=None) -> int:
     ap.add_argument("--section", default="rescore", help="the generated section of the doc to write")
     ap.add_argument("--context", default="2 cores shared with two training processes and other sessions' test runs",
                     help="what else ran on the machine, for the doc")
+    ap.add_argument("--title", help="the section's heading (default: from --paths)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--write-doc", action="store_true", help=f"write the section of {DOC.relative_to(REPO)}")
     ap.add_argument("--render", metavar="JSON", help="no scoring: render a saved equivalence.json (with --write-doc)")
@@ -212,8 +213,8 @@ def main(argv=None) -> int:
         cmd = ("SALBENCH_LEADERBOARDS_DIR=$(mktemp -d) .venv/bin/python benchmarks/rescore_equivalence.py "
                f"--ids {' '.join(args.ids)} --paths {' '.join(args.paths)} --section {args.section} --write-doc")
         la, lb = report["load_before"], report["load_after"]
-        title = ("Do committed checkpoints keep their scores, within float tolerance? (one-ulp probe)"
-                 if "ulp" in args.paths else "Do committed checkpoints keep their scores?")
+        title = args.title or ("Do committed checkpoints keep their scores, within float tolerance? (one-ulp probe)"
+                               if "ulp" in args.paths else "Do committed checkpoints keep their scores?")
         head = (f"## {title}\n\n"
                 f"Re-scored with `{cmd}` (torch {report['torch']}, {report['threads']} thread(s), CPU, full FMNIST "
                 f"protocol: VG and IG, 1000 images, default `ScoreConfig`, natural and robust accuracy) into a "
