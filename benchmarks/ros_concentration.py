@@ -63,8 +63,8 @@ def pairs(cards: dict[str, dict]) -> list[tuple[str, str, str, int]]:
     """(G id, A id, preset, seed) for every zoo G at the default placement with an A of its preset and seed."""
     out = []
     for gid, g in cards.items():
-        if g["variant"] != "G" or "-p2" in gid or "-p3" in gid:
-            continue
+        if g["variant"] != "G" or g["recipe"].get("smoothing_placement", 1) != 1:
+            continue  # the placement ablation's G models have no A of their own
         seed = g["recipe"].get("seed", 0)
         aid = gid.replace("-G-", "-A-", 1)
         if aid in cards:
