@@ -18,17 +18,17 @@ import argparse
 import json
 from pathlib import Path
 
-from salbench.benchmark import stats
-
-HEADLINE = ("gini", "ssim_mean", "log10_ros", "aopc")
+from salbench.benchmark import metric_registry, stats
 
 
 def rows(model: dict, reference: dict, methods: tuple[str, ...] = ("VG", "IG")) -> list[dict]:
+    """The board's paired comparison rows of the registered headline aggregates, per method."""
+    headline = {a.name for _, a in metric_registry.headline_aggregates()}
     out = []
     for method in methods:
         for r in stats.compare(stats.PerImage.from_result(model, method),
                                stats.PerImage.from_result(reference, method)):
-            if r["metric"] in HEADLINE:
+            if r["metric"] in headline:
                 out.append({"method": method, **r})
     return out
 

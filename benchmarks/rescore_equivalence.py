@@ -158,12 +158,11 @@ def markdown(report: dict) -> str:
             lines.append(row)
         for p in paths:
             s = per_path[p]["summary"]
-            finite = [v for v in s.values() if v is not None]
-            worst = max(s, key=lambda k: -1 if s[k] is None else s[k])
+            largest, worst = _largest(s)
             acc = per_path[p]["accuracy"]
             lines.append(f"\n{p} vs committed, aggregates: max |difference| over the {len(s)} summary values "
                          f"(Gini, SSIM per σ / kept fraction / mean, log10 ROS, ROS NaN fraction, ROAD curve, AOPC; "
-                         f"VG and IG) = {_fmt(max(finite) if finite else 0.0)} (at {worst}); "
+                         f"VG and IG) = {_fmt(largest)} (at {worst}); "
                          + ", ".join(f"{k} accuracy {_fmt(v)}" for k, v in acc.items())
                          + f". Scoring took {per_path[p]['seconds']:.0f} s.")
         if model_id in report.get("ulp_vs_new", {}):
@@ -183,11 +182,17 @@ def _tolerance_table(report: dict, model_id: str) -> list[str]:
     for k in keys:
         a, b = new.get(k), ulp.get(k)
         out.append(f"| {k} | {'n/a' if a is None else _fmt(a)} | {'n/a' if b is None else _fmt(b)} |")
-    finite = [v for v in ulp.values() if v is not None]
-    worst = max((k for k in ulp if ulp[k] is not None), key=lambda k: ulp[k], default=None)
+    largest, worst = _largest(ulp)
     out.append(f"\nulp vs new, aggregates: max |difference| over the {len(ulp)} summary values = "
-               f"{_fmt(max(finite) if finite else 0.0)} (at {worst}).")
+               f"{_fmt(largest)} (at {worst}).")
     return out
+
+
+def _largest(summary: dict) -> tuple[float, str | None]:
+    """The largest aggregate difference of a comparison and where it is (None entries: not comparable)."""
+    keys = [k for k, v in summary.items() if v is not None]
+    worst = max(keys, key=summary.get, default=None)
+    return (0.0 if worst is None else summary[worst]), worst
 
 
 def main(argv=None) -> int:

@@ -21,28 +21,19 @@ Output: stdout and, with ``--write-doc``, the generated section ``ros-concentrat
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
-RESULTS = REPO / "leaderboards" / "results" / "fmnist"
-CARDS = REPO / "model_zoo" / "cards"
 DOC = REPO / "docs" / "zoo.md"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from salbench.benchmark.leaderboard import zoo_groups  # noqa: E402
+from salbench.benchmark.results import list_results  # noqa: E402
+from salbench.benchmark.stats import PerImage  # noqa: E402
 from smoothing_step_table import write_section  # noqa: E402  (same folder: the docs' generated sections)
-
-
-def _cards() -> dict[str, dict]:
-    return {c["id"]: c for c in (json.loads(p.read_text()) for p in sorted(CARDS.glob("fmnist-*.json")))}
-
-
-def _ros(card: dict, method: str) -> np.ndarray:
-    result = json.loads((RESULTS / f"{card['sha256'][:16]}-v1.json").read_text())
-    return np.array([np.nan if v is None else v for v in result["per_image"][method]["ros"]], dtype=float)
 
 
 def concentration(ros_g: np.ndarray, ros_a: np.ndarray) -> dict:
@@ -59,17 +50,11 @@ def concentration(ros_g: np.ndarray, ros_a: np.ndarray) -> dict:
             "aggregate_wo_top": float(np.log10(g[drop].mean()) - np.log10(a[drop].mean()))}
 
 
-def pairs(cards: dict[str, dict]) -> list[tuple[str, str, str, int]]:
-    """(G id, A id, preset, seed) for every zoo G at the default placement with an A of its preset and seed."""
-    out = []
-    for gid, g in cards.items():
-        if g["variant"] != "G" or g["recipe"].get("smoothing_placement", 1) != 1:
-            continue  # the placement ablation's G models have no A of their own
-        seed = g["recipe"].get("seed", 0)
-        aid = gid.replace("-G-", "-A-", 1)
-        if aid in cards:
-            out.append((gid, aid, g["preset"], seed))
-    return sorted(out, key=lambda t: (t[2], t[3]))
+def pairs(results: list[dict]) -> list[tuple[dict, dict, str, int]]:
+    """(G result, A result, preset, seed) for every zoo (preset, seed) group with both arms
+    (:func:`zoo_groups`; the placement ablation's G models are other arms, ``G@p2``, ...)."""
+    groups = sorted(zoo_groups(results).items(), key=lambda kv: (str(kv[0][0]), kv[0][1]))
+    return [(arms["G"], arms["A"], preset, seed) for (preset, seed), arms in groups if {"G", "A"} <= set(arms)]
 
 
 def markdown(rows: list[dict]) -> str:
@@ -83,12 +68,12 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def zoo_rows() -> list[dict]:
-    """One row per zoo (G, A) pair and method, from the committed results."""
-    cards = _cards()
+def zoo_rows(results: list[dict] | None = None) -> list[dict]:
+    """One row per zoo (G, A) pair and method, from the stored FMNIST results."""
+    results = list_results("fmnist") if results is None else results
     return [{"preset": preset, "seed": seed, "method": method,
-             **concentration(_ros(cards[gid], method), _ros(cards[aid], method))}
-            for gid, aid, preset, seed in pairs(cards) for method in ("VG", "IG")]
+             **concentration(PerImage.from_result(g, method).ros, PerImage.from_result(a, method).ros)}
+            for g, a, preset, seed in pairs(results) for method in ("VG", "IG")]
 
 
 def main(argv=None) -> int:

@@ -1,11 +1,13 @@
 """benchmarks/compare_results.py: any two stored results compared as the boards compare them."""
 
 import importlib.util
-import json
 from pathlib import Path
 
 import pandas as pd
 import pytest
+
+from salbench.benchmark.results import load_result
+from salbench.model_zoo import zoo
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "benchmarks" / "compare_results.py"
@@ -19,8 +21,7 @@ def _module():
 
 
 def _result(model_id):
-    card = json.loads((REPO / "model_zoo" / "cards" / f"{model_id}.json").read_text())
-    return json.loads((REPO / "leaderboards" / "results" / "fmnist" / f"{card['sha256'][:16]}-v1.json").read_text())
+    return load_result("fmnist", zoo.get_card(model_id)["sha256"])
 
 
 def test_rows_equal_the_boards_comparisons():

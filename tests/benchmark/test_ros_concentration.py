@@ -40,9 +40,12 @@ def test_one_exploding_image_carries_the_aggregate_not_the_median():
 
 def test_zoo_pairs_share_preset_and_seed():
     mod = _module()
-    for gid, aid, preset, seed in mod.pairs(mod._cards()):
+    found = mod.pairs(mod.list_results("fmnist"))
+    assert len(found) == 5  # paper-10ep s0-s2, paper s0-s1
+    for g, a, preset, seed in found:
+        gid, aid = g["model"]["id"], a["model"]["id"]
         assert gid.replace("-G-", "-A-") == aid and (seed == 0) == ("-s" not in gid)
-        assert "-p2" not in gid and "-p3" not in gid
+        assert g["model"]["preset"] == a["model"]["preset"] == preset
 
 
 def test_docs_section_matches_the_committed_results():
