@@ -69,7 +69,7 @@ CLAIMS: tuple[Claim, ...] = (
     Claim("gini_A_N", "A is sparser than N (Gini A > N)", "A", "N", "gini", "better"),
     Claim("ros_A_N", "A has worse output stability than N (ROS A > N)", "A", "N", "log10_ros", "worse"),
     Claim("ssim_A_N", "SSIM rises from N to A", "A", "N", "ssim_mean", "better"),
-    Claim("ssim_G_A", "SSIM of G is at least A's (SSIM A <= G)", "G", "A", "ssim_mean", "not worse"),
+    Claim("ssim_G_A", "SSIM rises from A to G (SSIM A < G)", "G", "A", "ssim_mean", "better"),
     Claim("ros_G_A", "G has better output stability than A (ROS G < A)", "G", "A", "log10_ros", "better"),
     Claim("gini_G_A", "G keeps A's sparsity (Gini G >= A - 0.02)", "G", "A", "gini", "margin", margin=-0.02),
     Claim("aopc_G_A", "G keeps A's faithfulness (AOPC G >= A - 0.02)", "G", "A", "aopc", "margin", margin=-0.02),
@@ -97,6 +97,32 @@ CLAIMS: tuple[Claim, ...] = (
             paper=(PAPER_PLACEMENT["G"][1] - PAPER_PLACEMENT[arm][1]) / LN10)
       for arm in ("G@p2", "G@p3")),
 )
+
+
+# PROTOCOL §8.6: the smallest effect that matters (superiority) and the non-inferiority margin, per
+# headline metric, in its own units; never below the models' numerical band (``recipe_delta``)
+DELTA_MIN = {"gini": 0.02, "ssim_mean": 0.01, "log10_ros": 0.1, "aopc": 0.02}
+METRIC_DIRECTION = {"gini": 1, "ssim_mean": 1, "log10_ros": -1, "aopc": 1}
+
+
+def recipe_spec(claim: Claim) -> tuple[str, int, float]:
+    """(kind, side, δ) of a claim's seed-level test (``benchmark.recipe_stats.seed_test``):
+    ``better``/``worse`` claims are superiority claims (side: the sign the effect must have),
+    ``not worse`` and margin claims non-inferiority claims with margin δ (a margin claim's own).
+
+    >>> recipe_spec(Claim("x", "", "G", "A", "log10_ros", "better"))
+    ('superiority', -1, 0.1)
+    >>> recipe_spec(Claim("y", "", "G", "A", "gini", "margin", margin=-0.02))
+    ('noninferiority', 1, 0.02)
+    """
+    d = METRIC_DIRECTION[claim.metric]
+    if claim.expect in ("better", "worse"):
+        return "superiority", d if claim.expect == "better" else -d, DELTA_MIN[claim.metric]
+    if claim.expect == "not worse":
+        return "noninferiority", d, DELTA_MIN[claim.metric]
+    if claim.expect == "margin":
+        return "noninferiority", d, abs(claim.margin) or DELTA_MIN[claim.metric]
+    raise ValueError(f"unknown claim expectation {claim.expect!r}")
 
 
 def claims_for(dataset: str) -> list[Claim]:

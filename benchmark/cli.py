@@ -205,7 +205,8 @@ def cmd_leaderboard(args) -> int:
     from salbench.benchmark.harness import score_zoo
 
     only = [i for part in args.only for i in part.split(",") if i] if getattr(args, "only", None) else None
-    score_zoo(args.dataset, rescore=args.rescore, config=_config(args), progress=not args.quiet, only=only)
+    score_zoo(args.dataset, rescore=args.rescore, config=_config(args), progress=not args.quiet, only=only,
+              band=not args.no_band)
     if _is_main():
         _print_table(args.dataset)
     return EXIT_OK
@@ -283,7 +284,8 @@ def cmd_score(args) -> int:
                            smoothing=args.smoothing, rescore=args.rescore, config=_config(args),
                            progress=not args.quiet, notify=notify,
                            normalization={"mean": args.mean, "std": args.std} if args.mean is not None else None,
-                           state_key=args.state_key, key_map=args.key_map, claimed_accuracy=args.claimed_accuracy)
+                           state_key=args.state_key, key_map=args.key_map, claimed_accuracy=args.claimed_accuracy,
+                           band=not args.no_band)
     except SubmissionError as e:
         if _is_main():
             print(f"salbench: rejected: {_plain(str(e))}", file=sys.stderr)
@@ -300,6 +302,55 @@ def cmd_score(args) -> int:
     score_report.report(args.dataset, card, reused=not any(m.startswith("scoring ") for m in said))
     _print_verdicts(args.dataset, card["id"])
     score_report.regenerate_figures(args.dataset)
+    return EXIT_OK
+
+
+def cmd_verify(args) -> int:
+    """Re-score a stored result on this machine; exit 0 when every banded aggregate is within its band."""
+    from pathlib import Path
+
+    from salbench.benchmark import bands as B
+    from salbench.benchmark.imagesets import load_imageset
+    from salbench.benchmark.results import list_results, read_result_file
+    from salbench.benchmark.scoring import platform_info
+    from salbench.benchmark.submit import list_submission_cards, load_submission
+    from salbench.model_zoo import zoo
+
+    target = args.target
+    if Path(target).is_file():
+        doc = read_result_file(Path(target))
+    else:
+        docs = [d for ds in DATASETS for d in list_results(ds) if d["model"].get("id") == target]
+        if not docs:
+            print(f"salbench: verify: no stored result for {target!r}: give a zoo or submission id "
+                  "(`salbench zoo list`) or the path of a result file", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        doc = docs[0]
+    mid = doc["model"].get("id")
+    if not doc.get("band"):
+        print(f"salbench: verify: the result of {mid} has no numerical band; score it with "
+              "`salbench leaderboard` (zoo) or `salbench score` (submission) to add one", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if doc["model"].get("source") == "zoo":
+        model = zoo.load(mid)
+    else:
+        cards = [c for c in list_submission_cards(doc["dataset"]) if c["id"] == mid]
+        if not cards:
+            print(f"salbench: verify: the submission card of {mid} is missing", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        model = load_submission(cards[0])
+    here = platform_info()
+    there = doc.get("versions", {}).get("platform", {})
+    print(f"verifying {mid}: stored on {there.get('cpu', '?')} ({there.get('isa', '?')}, torch {there.get('torch', '?')}), "
+          f"re-scoring on {here['cpu']} ({here['isa']}, torch {here['torch']}) ...", flush=True)
+    checks = B.verify(model, load_imageset(doc["dataset"]), doc, progress=not args.quiet)
+    print(B.checks_table(checks))
+    bad = [c for c in checks if not c.ok]
+    if bad:
+        print(f"{len(bad)} of {len(checks)} aggregates outside their band: "
+              + ", ".join(f"{c.method} {c.aggregate}" for c in bad))
+        return 1
+    print(f"all {len(checks)} banded aggregates within their band")
     return EXIT_OK
 
 
@@ -331,6 +382,8 @@ def _scoring_args(p) -> None:
                    help="comma-separated attribution methods: VG, IG, or any registered with "
                         "salbench.benchmark.scoring.register_explainer (default: VG,IG)")
     p.add_argument("--rescore", action="store_true", help="ignore cached results and score again")
+    p.add_argument("--no-band", action="store_true",
+                   help="skip the numerical band (PROTOCOL §8.4: one-ulp and float64 re-scores, ~2x the scoring time)")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--procs", type=_POSITIVE, default=argparse.SUPPRESS, metavar="K",
                    help="score on K processes through torch's launcher (torch.distributed.run, standalone), "
@@ -415,6 +468,12 @@ def build_parser() -> argparse.ArgumentParser:
     _scoring_args(lb)
     _only_arg(lb)
     lb.set_defaults(func=cmd_leaderboard)
+
+    v = sub.add_parser("verify", help="re-score a stored result here; exit 0 when every headline aggregate is "
+                                      "within its numerical band, 1 when one is not")
+    v.add_argument("target", help="a zoo or submission id, or the path of a stored result file")
+    v.add_argument("--quiet", action="store_true")
+    v.set_defaults(func=cmd_verify)
 
     f = sub.add_parser("figures", help="SSIM-vs-noise and ROAD curves, saliency-map grid (PNG)")
     f.add_argument("--dataset", required=True, choices=DATASETS)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
+from salbench.benchmark import bands as B
 from salbench.benchmark import distributed as D
 from salbench.benchmark import results as R
 from salbench.benchmark import submit as S
@@ -51,7 +52,7 @@ def _cached(dataset: str, sha256: str, config: ScoreConfig, imageset, results_ro
 def score_zoo(dataset: str, *, rescore: bool = False, config: ScoreConfig = ScoreConfig(), progress: bool = True,
               results_root: Path | None = None, out_dir: Path | None = None, cards_dir: Path | None = None,
               imageset=None, test_split=None, only: list[str] | None = None,
-              notify: Callable[[str], None] | None = None) -> list[dict]:
+              notify: Callable[[str], None] | None = None, band: bool = True) -> list[dict]:
     """Ensure a result for every zoo model of ``dataset`` (score where missing or ``rescore``),
     then regenerate the leaderboard. Returns the results. ``only``: these zoo ids, all known
     (``ValueError`` before anything is loaded or written otherwise).
@@ -59,7 +60,10 @@ def score_zoo(dataset: str, *, rescore: bool = False, config: ScoreConfig = Scor
     A stored result is re-used only when its identity (``benchmark.results.result_identity``:
     weights, protocol, image set, score-affecting config, device type) equals this call's; otherwise
     the model is scored again and the stored file replaced. ``notify`` receives one line per model
-    (re-used or why scored); default: printed when ``progress``."""
+    (re-used or why scored); default: printed when ``progress``.
+
+    With ``band`` (default), a result without its numerical band (PROTOCOL §8.4: one-ulp and float64
+    re-scores with the same draws, ``benchmark.bands``) gets one, stored in the result."""
     say = _notifier(notify, progress)
     cards = zoo_cards(dataset, cards_dir)
     unknown = [i for i in only or [] if i not in {c["id"] for c in cards}]
@@ -76,18 +80,30 @@ def score_zoo(dataset: str, *, rescore: bool = False, config: ScoreConfig = Scor
             say(f"scoring {card['id']} (--rescore) ...")
         else:
             res = _cached(dataset, card["sha256"], config, imageset, results_root, say, card["id"])
+        model = None
         if res is None:
             model = zoo.load(card["id"], cards_dir=cards_dir)
             res = score(model, imageset, config, test_split=test_split, progress=progress).to_dict()
-            if D.is_main():  # under torch.distributed rank 0 alone writes
-                with _lock(dataset, out_dir):
-                    R.save_result(res, card, root=results_root)
             say(f"  done in {res['timings']['total']:.1f} s"
                 + (f" on {D.world_size()} processes" if D.active() else ""))
+            res.pop("band", None)
+            _save(dataset, res, card, results_root, out_dir)
+        if band and not res.get("band"):
+            model = model or zoo.load(card["id"], cards_dir=cards_dir)
+            say(f"numerical band of {card['id']} (one-ulp and float64 re-scores) ...")
+            res["band"] = B.numerical_band(model, imageset, res, float64=True, progress=progress)
+            say(f"  done in {res['band']['seconds']:.1f} s")
+            _save(dataset, res, card, results_root, out_dir)
         out.append(res)
     if D.is_main():
         regenerate(dataset, results_root=results_root, out_dir=out_dir, images_sha256=imageset.images_sha256)
     return out
+
+
+def _save(dataset: str, res: dict, card: dict, results_root: Path | None, out_dir: Path | None) -> None:
+    if D.is_main():  # under torch.distributed rank 0 alone writes
+        with _lock(dataset, out_dir):
+            R.save_result(res, card, root=results_root)
 
 
 def regenerate(dataset: str, *, results_root: Path | None = None, out_dir: Path | None = None,
@@ -101,14 +117,15 @@ def submit(path: str | Path, *, arch: str | None, dataset: str, name: str, notes
            results_root: Path | None = None, out_dir: Path | None = None, submissions_dir: Path | None = None,
            imageset=None, test_split=None, notify: Callable[[str], None] | None = None,
            normalization: dict | None = None, state_key: str | None = None, key_map: str | None = "auto",
-           claimed_accuracy: float | None = None) -> tuple[dict, dict]:
+           claimed_accuracy: float | None = None, band: bool = True) -> tuple[dict, dict]:
     """Validate, score and add a submitted checkpoint to the leaderboard. Nothing is written
     unless validation and scoring both succeed.
 
     Weights already on the board under another id (a zoo model, another submission's card or a
     stored result) are refused with ``SubmissionError`` naming that id; resubmitting under the same
     name updates the entry. A stored result of the same identity is re-used (announced through
-    ``notify``; default: printed when ``progress``)."""
+    ``notify``; default: printed when ``progress``). With ``band`` (default) the result gets its
+    numerical band (PROTOCOL §8.4): the one-ulp re-score, plus float64 where the model can be cast."""
     say = _notifier(notify, progress)
     # validate first: a rejected file costs no data loading and writes nothing
     model, card, payload = S.prepare_submission(path, arch=arch, dataset=dataset, name=name, notes=notes,
@@ -129,6 +146,9 @@ def submit(path: str | Path, *, arch: str | None, dataset: str, name: str, notes
     if res is None:
         S.check_not_degenerate(model, imageset, resolve_config(config, dataset), name=Path(path).name)
         res = score(model, imageset, config, test_split=test_split, progress=progress).to_dict()
+    if band and not res.get("band"):
+        say("numerical band (one-ulp re-score, and float64 where the model can be cast) ...")
+        res["band"] = B.numerical_band(model, imageset, res, float64=True, progress=progress)
     card["natural_accuracy"] = res["accuracy"].get("natural")
     card["robust_accuracy"] = res["accuracy"].get("robust")
     card["robust_protocol"] = res["accuracy"].get("robust_protocol", {})

@@ -1,7 +1,9 @@
 """Leaderboards: a pure function from stored results to tables, written atomically.
 
 - ``<dataset>.csv``: one row per model x method (wide), every aggregate with its 95% bootstrap
-  interval (``<metric>_lo``, ``<metric>_hi``; PROTOCOL §7).
+  interval (``<metric>_lo``, ``<metric>_hi``; PROTOCOL §7, §8.3), the numerical band of each
+  headline aggregate (``<metric>_band``, §8.4), whether the row is ranked on ROS (``ros_ranked``:
+  at most 10% NaN images, §8.2) and the platform it was scored on (§8.7).
 - ``<dataset>_ssim.csv``: SSIM, its interval and the kept fraction per σ (long).
 - ``<dataset>_road.csv``: ROAD accuracy and its interval per removal level (long).
 - ``<dataset>_comparisons.csv``: paired model-vs-reference tests with verdicts.
@@ -20,8 +22,9 @@ import numpy as np
 import pandas as pd
 
 from salbench.benchmark import claims as C
+from salbench.benchmark import recipe_stats as RS
 from salbench.benchmark import stats as S
-from salbench.benchmark.metric_registry import summary_metrics
+from salbench.benchmark.metric_registry import ROS_MAX_NAN_FRACTION, banded_aggregates, summary_metrics
 from salbench.benchmark.results import leaderboards_dir, list_results
 from salbench.model_zoo.zoo import atomic_write_bytes
 
@@ -104,6 +107,13 @@ def leaderboard_tables(results: list[dict], *, stats: bool = True,
                 for agg in spec.aggregates(values):
                     if not agg.curve:
                         put(row, agg.name, agg.from_summary(s))
+            for _, agg in banded_aggregates():
+                if agg.name in row:
+                    row[f"{agg.name}_band"] = band_of(r, method, agg.name)
+            if "ros_nan_fraction" in row:
+                row["ros_ranked"] = bool(row["ros_nan_fraction"] <= ROS_MAX_NAN_FRACTION)
+            plat = r.get("versions", {}).get("platform", {})
+            row["platform"] = f"{plat.get('cpu', '?')} / {plat.get('isa', '?')}" if plat else ""
             row.update({"n_images": r["imageset"]["n"], "protocol": r["protocol"], "sha256": m["sha256"],
                         "name": m.get("name") or "", "notes": m.get("notes") or ""})
             rows.append(row)
@@ -180,22 +190,44 @@ def comparison_pairs(results: list[dict], reference_ids: dict[str, str] | None =
     return pairs
 
 
+def band_of(doc: dict, method: str, name: str) -> float:
+    """The stored numerical band of one aggregate of a result (NaN when it has none; PROTOCOL §8.4)."""
+    try:
+        return float(doc["band"]["band"][method][name])
+    except (KeyError, TypeError):
+        return float("nan")
+
+
+def _pair_bands(model: dict, ref: dict, method: str) -> dict[str, float]:
+    """Per banded aggregate, the two results' bands summed (a missing band counts 0: a result
+    without one is shown as such on the board, its verdicts are then the v1 rule)."""
+    out = {}
+    for _, agg in banded_aggregates():
+        a, b = band_of(model, method, agg.name), band_of(ref, method, agg.name)
+        out[agg.name] = (a if math.isfinite(a) else 0.0) + (b if math.isfinite(b) else 0.0)
+    return out
+
+
 def comparisons_table(results: list[dict], reference_ids: dict[str, str] | None = None,
                       extra: tuple[tuple[str, str], ...] = ()) -> pd.DataFrame:
+    """Checkpoint comparisons (PROTOCOL §8.6): each pair of :func:`comparison_pairs`, per method and
+    compared aggregate; the image is the unit."""
     rows = []
     for model, ref in comparison_pairs(results, reference_ids, extra):
         for method in model["summary"]:
             if method not in ref["summary"]:
                 continue
-            for c in S.compare(S.PerImage.from_result(model, method), S.PerImage.from_result(ref, method)):
+            for c in S.compare(S.PerImage.from_result(model, method), S.PerImage.from_result(ref, method),
+                               bands=_pair_bands(model, ref, method)):
                 rows.append({"model": model["model"]["id"], "reference": ref["model"]["id"], "method": method, **c})
-    cols = ["model", "reference", "method", "metric", "n_paired", "delta", "delta_lo", "delta_hi", "p", "p_holm",
-            "verdict"]
+    cols = ["model", "reference", "method", "metric", "role", "variant_of", "n_paired", "delta", "delta_lo",
+            "delta_hi", "p", "p_holm", "band", "verdict", "robustness"]
     return pd.DataFrame(rows, columns=cols)
 
 
 _SPREAD_METRICS = ("natural_acc", "robust_acc", "autoattack_acc", "pgd_minus_autoattack", "acc_on_set", "gini",
-                   "ssim_mean", "log10_ros", "ros_nan_fraction", "aopc")
+                   "ssim_mean", "log10_ros", "ros_nan_fraction", "aopc", "ssim_raw", "ros_floor", "log10_mean_ros",
+                   "aopc_stable_ties")
 
 
 def variants_table(main: pd.DataFrame) -> pd.DataFrame:
@@ -236,15 +268,24 @@ def pattern_markdown(dataset: str, results: list[dict], comparisons: pd.DataFram
     paper = C.PAPER.get(dataset, {})
     lines = [f"# {dataset}: the paper's claims, decided by the benchmark",
              "",
-             "Generated by `salbench leaderboard` from the stored results; do not edit. Rules: PROTOCOL §7 "
-             "(paired BCa bootstrap 95% interval of model - reference over the fixed image set, Wilcoxon "
-             "signed-rank p Holm-adjusted per (model, reference, method), alpha 0.05). ROS in log10 units; the "
-             "paper's ROS divided by ln 10 (PROTOCOL §6). `paper` is the paper's model - reference difference.",
+             "Generated by `salbench leaderboard` from the stored results; do not edit. Protocol v2 "
+             "(PROTOCOL §8). Two levels: **recipe claims** are decided with the training seed as the unit "
+             "(one-sample t on the per-seed paired effects d_s, one-sided 95% bounds, superiority with a "
+             "smallest effect δ or non-inferiority with margin δ, Holm over the preset's claim family, §8.6); "
+             "**checkpoint comparisons** (one seed pair, the image as the unit: paired percentile bootstrap 95% "
+             "interval, Wilcoxon p Holm-adjusted over the four headline metrics, numerical band) are the "
+             "per-seed evidence. log10 ROS is the median over images of per-image log10 ROS; the paper "
+             "reports log of the mean ROS, so its ROS differences (divided by ln 10, §6) compare with "
+             "`log10_mean_ros`, not with this headline. `paper` is the paper's model - reference difference.",
              ""]
     if comparisons.empty:
         return "\n".join(lines + ["No comparable models yet.", ""])
     cmp_idx = comparisons.set_index(["model", "reference", "method", "metric"])
     spread = variants.set_index(["recipe", "method", "metric"]) if not variants.empty else None
+    recipe = {preset: recipe_tests(dataset, arms[preset], cmp_idx, preset) for preset in sorted(p for p in arms if p)}
+    lines += central_question(dataset, recipe)
+    for preset in sorted(recipe):
+        lines += recipe_table(dataset, preset, recipe[preset])
     lines += glance_table(dataset, arms, cmp_idx)
     lines += placement_table(dataset, groups, cmp_idx)
     for preset in sorted(p for p in arms if p):
@@ -291,6 +332,128 @@ def pattern_markdown(dataset: str, results: list[dict], comparisons: pd.DataFram
             lines.append("| (no model pairs for these claims yet) | | | | |")
         lines.append("")
     return "\n".join(lines)
+
+
+# pre-registered seeds per (dataset, preset) whose recipe claims are tested (PROTOCOL §8.6); every other
+# preset with several seeds is descriptive ("consistent in j of k seeds")
+PREREGISTERED = {("fmnist", "paper-10ep"): tuple(range(6))}
+RECIPE_HEADING = "## Recipe claims"
+CENTRAL_HEADING = "## Does smoothing make A's maps more trustworthy?"
+
+
+def recipe_tests(dataset: str, table: dict, cmp_idx: pd.DataFrame, preset: str) -> list[tuple]:
+    """(claim, method, seeds, SeedTest) of every main claim of one preset with a seed pair, Holm-adjusted
+    over the preset's family (PROTOCOL §8.6). δ: the metric's (claims.DELTA_MIN), raised to the largest
+    summed numerical band of the seed pairs."""
+    rows = []
+    for claim in C.claims_for(dataset):
+        if claim.group != "main":
+            continue
+        seeds = sorted(s for (a, s) in table if a == claim.model and (claim.reference, s) in table)
+        for method in claim.methods:
+            ds, used, bands = [], [], []
+            for s in seeds:
+                key = (table[(claim.model, s)], table[(claim.reference, s)], method, claim.metric)
+                if key in cmp_idx.index:
+                    row = cmp_idx.loc[key]
+                    ds.append(float(row["delta"]))
+                    used.append(s)
+                    bands.append(float(row.get("band", 0.0)) if "band" in row else 0.0)
+            if not ds:
+                continue
+            kind, side, delta = C.recipe_spec(claim)
+            finite_bands = [b for b in bands if math.isfinite(b)]
+            delta = max([delta, *finite_bands])
+            rows.append((claim, method, used, RS.seed_test(ds, kind=kind, side=side, delta_min=delta)))
+    tests = RS.adjust_family([t for *_, t in rows]) if rows else []
+    return [(c, m, s, t) for (c, m, s, _), t in zip(rows, tests)]
+
+
+def _descriptive(test) -> str:
+    """Status of a claim outside the pre-registered seeds: how many seeds point the claim's way."""
+    if test.k < 2:
+        return RS.ONE_SEED
+    if test.kind == "superiority":
+        j = sum(test.side * d >= test.delta_min for d in test.deltas)
+    else:
+        j = sum(test.side * d > -test.delta_min for d in test.deltas)
+    return f"consistent in {j} of {test.k} seeds (descriptive)"
+
+
+def _status_of(dataset: str, preset: str, seeds: list[int], test) -> str:
+    pre = PREREGISTERED.get((dataset, preset))
+    if pre is not None and test.k >= 2:
+        return test.status + ("" if tuple(seeds) == pre else f" (seeds {', '.join(map(str, seeds))} of the "
+                                                                f"pre-registered {len(pre)})")
+    return _descriptive(test)
+
+
+def recipe_table(dataset: str, preset: str, rows: list[tuple]) -> list[str]:
+    if not rows:
+        return []
+    pre = PREREGISTERED.get((dataset, preset))
+    what = (f"pre-registered seeds {', '.join(map(str, pre))}; Holm over the {len(rows)} claim x method tests of this "
+            "preset" if pre else "not a pre-registered preset: statuses are descriptive, no test")
+    out = [f"{RECIPE_HEADING}: preset `{preset}`", "",
+           f"The training seed is the unit ({what}). d_s: the seed-s paired headline effect, model - reference; "
+           "bounds: one-sided 95% t bounds on k-1 df; δ: the smallest effect that matters (superiority) or the "
+           "margin (non-inferiority), never below the pair's numerical band; seeds for 80% power at the observed "
+           "mean and spread.", "",
+           "| claim | method | test | δ | k | d_s | mean | bounds | p | Holm p | seeds for 80% power | status |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for claim, method, seeds, t in rows:
+        f = RS.format_row(t)
+        kind = "superiority" if t.kind == "superiority" else "non-inferiority"
+        out.append(f"| {claim.text} | {method} | {kind} | {t.delta_min:.3g} | {f['k']} | {f['d_s']} | {f['mean']} | "
+                   f"{f['bounds']} | {f['p']} | {f['p_holm']} | {f['seeds_80']} | "
+                   f"**{_status_of(dataset, preset, seeds, t)}** |")
+    return out + [""]
+
+
+_CENTRAL = ("ros_G_A", "ssim_G_A", "gini_G_A", "aopc_G_A")
+_QUESTION = {"ros_G_A": "Are G's maps more stable in output (lower ROS)?",
+             "ssim_G_A": "Are G's maps more stable under input noise (higher SSIM)?",
+             "gini_G_A": "Does G keep A's sparsity (Gini within 0.02)?",
+             "aopc_G_A": "Does G keep A's faithfulness (AOPC within 0.02)?"}
+
+
+def _plain_answer(test, status: str) -> str:
+    """A recipe test's status in plain words (the central-question table)."""
+    if test.k < 2:
+        return "no answer: one training seed"
+    if status.startswith("consistent"):
+        return status
+    power = RS.format_row(test)["seeds_80"]
+    if status.startswith("holds"):
+        return "**yes**" + (": G is better" if test.kind == "superiority" else ": G stays within the margin")
+    if status.startswith("fails"):
+        return "**no**" + (": G is worse" if test.kind == "superiority" else ": G loses more than the margin")
+    more = f"; about {power} seeds would give 80% power" if power.isdigit() else ""
+    return f"**not decided** with {test.k} seeds{more}"
+
+
+def central_question(dataset: str, recipe: dict[str, list[tuple]]) -> list[str]:
+    """The paper's central question in plain words, from the seed-level G-vs-A claims of the preset with
+    the most seeds: a table the README's first screen quotes and the site's index shows."""
+    best = max(recipe, key=lambda p: max((t.k for c, *_, t in recipe[p] if c.key in _CENTRAL), default=0),
+               default=None)
+    if best is None:
+        return []
+    rows = [(c, m, s, t) for c, m, s, t in recipe[best] if c.key in _CENTRAL]
+    if not rows:
+        return []
+    out = [CENTRAL_HEADING, "",
+           f"G (adversarial training + Gaussian feature-map smoothing) against A (adversarial training alone), "
+           f"{dataset} preset `{best}`, decided with the training seed as the unit (PROTOCOL §8.6): mean of the "
+           "per-seed paired differences G - A with its one-sided 95% bounds and the Holm-adjusted p; the seeds for 80% "
+           "power assume the observed mean and spread and a one-sided test at 0.05 before Holm.", "",
+           "| question | method | answer | seeds | G - A: mean [bounds] | Holm p |", "|---|---|---|---|---|---|"]
+    for c, m, s, t in rows:
+        status = _status_of(dataset, best, s, t)
+        f = RS.format_row(t)
+        bounds = f"{f['mean']} {f['bounds']}" if t.k >= 2 else f"{f['mean']} (one seed)"
+        out.append(f"| {_QUESTION[c.key]} | {m} | {_plain_answer(t, status)} | {t.k} | {bounds} | {f['p_holm']} |")
+    return out + [""]
 
 
 def _paper_delta(paper: dict, claim, method: str) -> str:
@@ -435,7 +598,8 @@ def write_leaderboard(dataset: str, *, results_root: Path | None = None, out_dir
 
 
 # README sections that quote a generated table: (dataset, heading in <dataset>_pattern.md, README marker)
-README_QUOTES = (("fmnist", GLANCE_HEADING, "fmnist-glance"), ("cifar10", PLACEMENT_HEADING, "cifar10-placement"))
+README_QUOTES = (("fmnist", CENTRAL_HEADING, "fmnist-central"), ("fmnist", GLANCE_HEADING, "fmnist-glance"),
+                 ("cifar10", PLACEMENT_HEADING, "cifar10-placement"))
 
 
 def pattern_section_table(pattern_md: str, heading: str) -> list[str]:

@@ -31,9 +31,46 @@ import torch
 
 from salbench import metrics
 
-# a function of count-weighted column sums: ``col(name)`` -> the (..., ) array of sums of column
-# ``name`` (``col("one")`` is the number of images in the resample)
-ColumnSums = Callable[[str], np.ndarray]
+class ColumnSums:
+    """What an aggregate is computed from: ``col(name)`` -> the (...,) array of count-weighted sums of
+    column ``name`` (``col("one")`` is the number of images in the resample), and ``col.counts``, the
+    (..., n) counts per image themselves (for an aggregate that is not a function of sums, such as a
+    median: :func:`weighted_median`)."""
+
+    def __init__(self, sums: Callable[[str], np.ndarray], counts: np.ndarray) -> None:
+        self._sums, self.counts = sums, counts
+
+    def __call__(self, name: str) -> np.ndarray:
+        return self._sums(name)
+
+
+def weighted_median(values: np.ndarray, valid: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Median of the multiset that holds ``values[i]`` ``counts[..., i]`` times, over the ``valid``
+    images only (numpy's median: the mean of the two middle values for an even count); NaN where no
+    valid image is drawn. ``counts`` (..., n) -> (...,).
+
+    >>> v = np.array([3.0, 1.0, 2.0, 10.0])
+    >>> float(weighted_median(v, np.ones(4, bool), np.ones(4)))  # np.median(v)
+    2.5
+    >>> float(weighted_median(v, np.array([True, True, True, False]), np.array([1.0, 0.0, 2.0, 5.0])))
+    2.0
+    """
+    values = np.asarray(values, dtype=np.float64)
+    valid = np.asarray(valid, dtype=bool) & np.isfinite(values)
+    v = values[valid]
+    order = np.argsort(v, kind="stable")
+    v = v[order]
+    c = np.asarray(counts, dtype=np.float64)[..., valid][..., order]
+    if v.size == 0:
+        return np.full(c.shape[:-1], np.nan)
+    cum = np.cumsum(c, axis=-1)
+    total = cum[..., -1]
+    lo_pos = np.floor((total - 1) / 2)
+    hi_pos = np.floor(total / 2)
+    i_lo = np.minimum((cum <= lo_pos[..., None]).sum(-1), v.size - 1)
+    i_hi = np.minimum((cum <= hi_pos[..., None]).sum(-1), v.size - 1)
+    return np.where(total > 0, (v[i_lo] + v[i_hi]) / 2, np.nan)
+
 Values = dict[str, np.ndarray]  # one metric's decoded per-image values (images on the last axis or first, per metric)
 
 
@@ -55,11 +92,18 @@ class Batch:
 class Aggregate:
     """One aggregate of a metric: a leaderboard column (and a comparison row when it has a direction).
 
-    ``value(col, values)`` computes it from count-weighted column sums (see module docstring);
+    ``value(col, values)`` computes it from count-weighted column sums (:class:`ColumnSums`);
     ``paired(model_values, ref_values, valid)`` gives the per-image values the Wilcoxon test pairs
-    (images valid in both only); ``summary_key`` is where the stored summary holds its point
+    (images valid in both only); ``effect(counts, model_values, ref_values, valid)``, when given,
+    is the paired effect (default: the difference of the two aggregates), e.g. ROS's median of
+    per-image paired differences; ``summary_key`` is where the stored summary holds its point
     estimate. ``curve`` marks a point of a per-level curve (the ROAD curve): it goes to the
     metric's own long table, not to the main board.
+
+    ``role`` (PROTOCOL §8.2, §8.5): ``headline`` (decides verdicts; Holm family), ``variant`` (a
+    robustness variant of the headline ``variant_of``: marks a verdict ``robust`` or
+    ``variant-dependent``), ``secondary`` (shown and compared, never decides), ``level`` (one σ of
+    a sweep, descriptive) or ``reported`` (no direction).
     """
 
     name: str
@@ -68,12 +112,22 @@ class Aggregate:
     summary_key: tuple[str, ...]
     paired: Callable[[Values, Values, dict], tuple[np.ndarray, np.ndarray]] | None = None
     curve: bool = False
+    role: str = "headline"
+    variant_of: str | None = None
+    effect: Callable[[np.ndarray, Values, Values, dict], np.ndarray] | None = None
 
     def __post_init__(self) -> None:
         if self.direction not in (1, -1, None):
             raise ValueError(f"aggregate {self.name!r}: direction must be +1, -1 or None, got {self.direction!r}")
         if self.direction is not None and self.paired is None:
             raise ValueError(f"aggregate {self.name!r} has a direction, so it is compared: give its `paired` values")
+        if self.direction is None and self.role != "reported":
+            object.__setattr__(self, "role", "reported")
+        if self.role not in ("headline", "variant", "secondary", "level", "reported"):
+            raise ValueError(f"aggregate {self.name!r}: role must be headline, variant, secondary, level or "
+                             f"reported, got {self.role!r}")
+        if self.role in ("variant", "level") and not self.variant_of:
+            raise ValueError(f"aggregate {self.name!r}: a {self.role} names the headline it belongs to (variant_of)")
 
     def from_summary(self, summary: dict) -> float:
         v = summary
@@ -234,53 +288,68 @@ register_metric(MetricSpec(
 
 
 # SSIM under Gaussian input noise: per σ the mean over the images whose prediction did not flip
-# (stored (S, n): σ levels by images); ssim_mean is the mean of the per-σ means
+# (stored (S, n): σ levels by images); ssim_mean is the mean of the per-σ means. Protocol v2
+# (PROTOCOL §8.2): the headline SSIM is of scale-free maps (each divided by its own max|map|);
+# v1's raw-map SSIM is the robustness variant ``ssim_raw`` (§8.5), stored beside it.
 def _ssim_compute(b: Batch) -> dict[str, torch.Tensor]:
     s = metrics.ssim_under_noise(b.model, b.x, b.y, b.explainer, sigmas=b.config.sigmas,
-                                 generator=b.generator("ssim"), maps=b.maps)
-    return {"ssim": s.scores.double().cpu(), "ssim_kept": s.kept.cpu()}
+                                 generator=b.generator("ssim"), maps=b.maps, normalize=True, with_raw=True)
+    return {"ssim": s.scores.double().cpu(), "ssim_kept": s.kept.cpu(), "ssim_raw": s.scores_raw.double().cpu()}
+
+
+def _kept_means(ssim: torch.Tensor, kept: torch.Tensor) -> list[float]:
+    ok = kept & torch.isfinite(ssim)
+    return [float(ssim[i][ok[i]].mean()) if ok[i].any() else float("nan") for i in range(ssim.shape[0])]
 
 
 def _ssim_summarize(v, cfg) -> dict:
-    ssim, kept = v["ssim"], v["ssim_kept"]
-    means = [float(ssim[i][kept[i]].mean()) if kept[i].any() else float("nan") for i in range(len(cfg.sigmas))]
+    means = _kept_means(v["ssim"], v["ssim_kept"])
+    raw = _kept_means(v["ssim_raw"], v["ssim_kept"])
     return {"ssim": dict(zip(map(str, cfg.sigmas), means)),
-            "ssim_kept_fraction": dict(zip(map(str, cfg.sigmas), kept.double().mean(1).tolist())),
-            "ssim_mean": float(np.nanmean(means))}
+            "ssim_kept_fraction": dict(zip(map(str, cfg.sigmas), v["ssim_kept"].double().mean(1).tolist())),
+            "ssim_mean": float(np.nanmean(means)), "ssim_raw": float(np.nanmean(raw))}
 
 
 def _ssim_decode(per: dict, summ: dict) -> Values:
-    ssim = np.array([_none_to_nan(row) for row in per["ssim"]], dtype=np.float64).reshape(len(per["ssim"]), -1)
-    kept = np.asarray(per["ssim_kept"], dtype=bool).reshape(ssim.shape) & np.isfinite(ssim)
-    return {"ssim": np.where(kept, ssim, 0.0), "kept": kept, "sigmas": list(summ["ssim"].keys())}
+    def grid(key):
+        return np.array([_none_to_nan(row) for row in per[key]], dtype=np.float64).reshape(len(per[key]), -1)
+
+    ssim, raw = grid("ssim"), grid("ssim_raw")
+    kept = np.asarray(per["ssim_kept"], dtype=bool).reshape(ssim.shape)
+    k, kr = kept & np.isfinite(ssim), kept & np.isfinite(raw)
+    return {"ssim": np.where(k, ssim, 0.0), "kept": k, "raw": np.where(kr, raw, 0.0), "kept_raw": kr,
+            "sigmas": list(summ["ssim"].keys())}
 
 
 def _ssim_columns(v: Values, valid: dict) -> list[tuple[str, np.ndarray]]:
     out = []
     for i, s in enumerate(v["sigmas"]):
         k = v["kept"][i] & valid.get(f"ssim@{s}", True)
-        out += [(f"ssim_k@{s}", k), (f"ssim_s@{s}", np.where(k, v["ssim"][i], 0.0))]
+        kr = v["kept_raw"][i] & valid.get(f"ssim_raw@{s}", True)
+        out += [(f"ssim_k@{s}", k), (f"ssim_s@{s}", np.where(k, v["ssim"][i], 0.0)),
+                (f"ssimraw_k@{s}", kr), (f"ssimraw_s@{s}", np.where(kr, v["raw"][i], 0.0))]
     return out
 
 
-def _ssim_per_sigma(col: ColumnSums, s: str) -> np.ndarray:
-    return col(f"ssim_s@{s}") / col(f"ssim_k@{s}")
+def _ssim_mean_over_sigmas(prefix: str):
+    def value(col: ColumnSums, v: Values) -> np.ndarray:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            stacked = np.stack([col(f"{prefix}_s@{s}") / col(f"{prefix}_k@{s}") for s in v["sigmas"]], axis=-1)
+        finite = np.isfinite(stacked)
+        return np.where(finite, stacked, 0.0).sum(-1) / finite.sum(-1)
+    return value
 
 
-def _ssim_mean(col: ColumnSums, v: Values) -> np.ndarray:
-    stacked = np.stack([_ssim_per_sigma(col, s) for s in v["sigmas"]], axis=-1)
-    finite = np.isfinite(stacked)
-    return np.where(finite, stacked, 0.0).sum(-1) / finite.sum(-1)
-
-
-def _ssim_mean_paired(m: Values, r: Values, valid: dict):
-    """Per image, the mean over the σ levels kept in both."""
-    km = np.stack([valid[f"ssim@{s}"] for s in m["sigmas"]])
-    has = km.any(0)
-    with np.errstate(invalid="ignore"):
-        a = (np.where(km, m["ssim"], 0).sum(0) / km.sum(0))[has]
-        b = (np.where(km, r["ssim"], 0).sum(0) / km.sum(0))[has]
-    return a, b
+def _ssim_mean_paired(key: str, kept: str):
+    def paired(m: Values, r: Values, valid: dict):
+        """Per image, the mean over the σ levels kept in both."""
+        km = np.stack([valid[f"{kept}@{s}"] for s in m["sigmas"]])
+        has = km.any(0)
+        with np.errstate(invalid="ignore"):
+            a = (np.where(km, m[key], 0).sum(0) / km.sum(0))[has]
+            b = (np.where(km, r[key], 0).sum(0) / km.sum(0))[has]
+        return a, b
+    return paired
 
 
 def _ssim_sigma_aggregate(i: int, s: str) -> Aggregate:
@@ -288,39 +357,46 @@ def _ssim_sigma_aggregate(i: int, s: str) -> Aggregate:
         k = valid[f"ssim@{s}"]
         return m["ssim"][i][k], r["ssim"][i][k]
 
-    return Aggregate(f"ssim@{s}", +1, lambda col, v: _ssim_per_sigma(col, s), ("ssim", s), paired=paired)
+    return Aggregate(f"ssim@{s}", +1, lambda col, v: col(f"ssim_s@{s}") / col(f"ssim_k@{s}"), ("ssim", s),
+                     paired=paired, role="level", variant_of="ssim_mean")
 
 
 register_metric(MetricSpec(
-    name="ssim", description="SSIM between clean and noisy-input maps per σ (images whose prediction flipped "
-                             "dropped), mean over σ; higher is better",
+    name="ssim", description="SSIM between clean and noisy-input maps, each divided by its own max|map|, per σ "
+                             "(images whose prediction flipped dropped), mean over σ; higher is better "
+                             "(variant ssim_raw: v1's raw maps)",
     compute=_ssim_compute,
-    encode=lambda v: {"ssim": [nan_to_none(r) for r in v["ssim"].tolist()], "ssim_kept": v["ssim_kept"].int().tolist()},
+    encode=lambda v: {"ssim": [nan_to_none(r) for r in v["ssim"].tolist()], "ssim_kept": v["ssim_kept"].int().tolist(),
+                      "ssim_raw": [nan_to_none(r) for r in v["ssim_raw"].tolist()]},
     decode=_ssim_decode, summarize=_ssim_summarize, columns=_ssim_columns,
-    aggregates=lambda v: [Aggregate("ssim_mean", +1, _ssim_mean, ("ssim_mean",), paired=_ssim_mean_paired),
-                          *[_ssim_sigma_aggregate(i, s) for i, s in enumerate(v["sigmas"])]],
-    fields=("ssim", "ssim_kept"),
-    pair_valid=lambda m, r: {f"ssim@{s}": m["kept"][i] & r["kept"][i] for i, s in enumerate(m["sigmas"])},
-    levels=lambda v: v["sigmas"], image_axis={"ssim": 1, "ssim_kept": 1},
+    aggregates=lambda v: [
+        Aggregate("ssim_mean", +1, _ssim_mean_over_sigmas("ssim"), ("ssim_mean",),
+                  paired=_ssim_mean_paired("ssim", "ssim")),
+        Aggregate("ssim_raw", +1, _ssim_mean_over_sigmas("ssimraw"), ("ssim_raw",),
+                  paired=_ssim_mean_paired("raw", "ssim_raw"), role="variant", variant_of="ssim_mean"),
+        *[_ssim_sigma_aggregate(i, s) for i, s in enumerate(v["sigmas"])]],
+    fields=("ssim", "ssim_kept", "ssim_raw"),
+    pair_valid=lambda m, r: {**{f"ssim@{s}": m["kept"][i] & r["kept"][i] for i, s in enumerate(m["sigmas"])},
+                             **{f"ssim_raw@{s}": m["kept_raw"][i] & r["kept_raw"][i]
+                                for i, s in enumerate(m["sigmas"])}},
+    levels=lambda v: v["sigmas"], image_axis={"ssim": 1, "ssim_kept": 1, "ssim_raw": 1},
     from_summary=lambda s: {"sigmas": list(s["ssim"])} if "ssim" in s else None))
 
 
-# ROS: log10 of the nan-mean over images (NaN where a noisy prediction flipped); NaN fraction reported
+# ROS (PROTOCOL §8.2): per image the maximum over the noise samples whose prediction did not flip
+# (NaN only when all flip); headline = the median over images of per-image log10 ROS, with its NaN
+# fraction. Stored beside it: v1's per-image ROS (quantus semantics: one flip makes the image NaN),
+# whose log10 of the mean is the secondary column ``log10_mean_ros``, and the variant ``ros_floor``
+# (the clean map's denominator floored at 1e-3·max|e|, §8.5).
+ROS_MAX_NAN_FRACTION = 0.10  # a row with more NaN images than this is shown but not ranked on ROS
+
+
 def _ros_compute(b: Batch) -> dict[str, torch.Tensor]:
     cfg = b.config
-    return {"ros": metrics.relative_output_stability(b.model, b.x, b.y, b.explainer, n_samples=cfg.ros_samples,
-                                                     variant=cfg.ros_variant, generator=b.generator("ros"),
-                                                     maps=b.maps, logits=b.logits).double().cpu()}
-
-
-def _ros_summarize(v, cfg) -> dict:
-    log10_ros, nan_frac = metrics.aggregate_ros(v["ros"])
-    return {"log10_ros": float(log10_ros), "ros_nan_fraction": float(nan_frac)}
-
-
-def _ros_columns(v: Values, valid: dict) -> list[tuple[str, np.ndarray]]:
-    ok = np.isfinite(v["ros"]) & valid.get("log10_ros", True)
-    return [("ros_ok", ok), ("ros_v", np.where(ok, v["ros"], 0.0)), ("ros_finite", np.isfinite(v["ros"]))]
+    v = metrics.ros_variants(b.model, b.x, b.y, b.explainer, n_samples=cfg.ros_samples, generator=b.generator("ros"),
+                             maps=b.maps, logits=b.logits)
+    return {"ros": v["exclude"].double().cpu(), "ros_nan": v["nan"].double().cpu(),
+            "ros_floor": v["floor"].double().cpu()}
 
 
 def _log10(a: np.ndarray) -> np.ndarray:
@@ -328,40 +404,93 @@ def _log10(a: np.ndarray) -> np.ndarray:
         return np.log10(a)
 
 
+def _median_log10(x: torch.Tensor) -> float:
+    v = _log10(x.numpy())
+    v = v[np.isfinite(v)]
+    return float(np.median(v)) if v.size else float("nan")
+
+
+def _ros_summarize(v, cfg) -> dict:
+    log10_mean, nan_v1 = metrics.aggregate_ros(v["ros_nan"])
+    return {"log10_ros": _median_log10(v["ros"]), "ros_nan_fraction": float(torch.isnan(v["ros"]).double().mean()),
+            "ros_floor": _median_log10(v["ros_floor"]), "log10_mean_ros": float(log10_mean),
+            "log10_mean_ros_nan_fraction": float(nan_v1)}
+
+
+def _ros_columns(v: Values, valid: dict) -> list[tuple[str, np.ndarray]]:
+    ok = np.isfinite(v["ros_nan"]) & valid.get("log10_mean_ros", True)
+    return [("rosm_ok", ok), ("rosm_v", np.where(ok, v["ros_nan"], 0.0)),
+            ("ros_finite", np.isfinite(v["ros"])), ("rosm_finite", np.isfinite(v["ros_nan"]))]
+
+
+def _median_of(key: str):
+    def value(col: ColumnSums, v: Values) -> np.ndarray:
+        lg = _log10(v[key])
+        return weighted_median(lg, np.isfinite(lg), col.counts)
+    return value
+
+
+def _median_effect(key: str, valid_key: str):
+    def effect(counts: np.ndarray, m: Values, r: Values, valid: dict) -> np.ndarray:
+        d = _log10(m[key]) - _log10(r[key])
+        return weighted_median(d, valid[valid_key] & np.isfinite(d), counts)
+    return effect
+
+
+def _log10_paired(key: str, valid_key: str):
+    def paired(m: Values, r: Values, valid: dict):
+        k = valid[valid_key]
+        return _log10(m[key])[k], _log10(r[key])[k]
+    return paired
+
+
 register_metric(MetricSpec(
-    name="ros", description="relative output stability: log10 of the mean over images (images with a flipped "
-                            "noisy prediction are NaN, their fraction reported); lower is better",
+    name="ros", description="relative output stability: median over images of per-image log10 ROS (flipped noise "
+                            "samples left out; NaN only when all flip, fraction reported); lower is better",
     compute=_ros_compute,
-    encode=lambda v: {"ros": nan_to_none(v["ros"].tolist())},
-    decode=lambda per, summ: {"ros": _none_to_nan(per["ros"])},
+    encode=lambda v: {k: nan_to_none(v[k].tolist()) for k in ("ros", "ros_nan", "ros_floor")},
+    decode=lambda per, summ: {k: _none_to_nan(per[k]) for k in ("ros", "ros_nan", "ros_floor")},
     summarize=_ros_summarize, columns=_ros_columns,
     aggregates=lambda v: [
-        Aggregate("log10_ros", -1, lambda col, _: np.log10(col("ros_v") / col("ros_ok")), ("log10_ros",),
-                  paired=lambda m, r, valid: (_log10(m["ros"])[valid["log10_ros"]],
-                                              _log10(r["ros"])[valid["log10_ros"]])),
+        Aggregate("log10_ros", -1, _median_of("ros"), ("log10_ros",), paired=_log10_paired("ros", "log10_ros"),
+                  effect=_median_effect("ros", "log10_ros")),
+        Aggregate("ros_floor", -1, _median_of("ros_floor"), ("ros_floor",),
+                  paired=_log10_paired("ros_floor", "ros_floor"), effect=_median_effect("ros_floor", "ros_floor"),
+                  role="variant", variant_of="log10_ros"),
+        Aggregate("log10_mean_ros", -1, lambda col, _: _log10(col("rosm_v") / col("rosm_ok")), ("log10_mean_ros",),
+                  paired=_log10_paired("ros_nan", "log10_mean_ros"), role="secondary", variant_of="log10_ros"),
         Aggregate("ros_nan_fraction", None, lambda col, _: 1.0 - col("ros_finite") / col("one"),
-                  ("ros_nan_fraction",))],
-    fields=("ros",), from_summary=lambda s: {} if "log10_ros" in s else None,
-    pair_valid=lambda m, r: {"log10_ros": np.isfinite(m["ros"]) & np.isfinite(r["ros"])}))
+                  ("ros_nan_fraction",)),
+        Aggregate("log10_mean_ros_nan_fraction", None, lambda col, _: 1.0 - col("rosm_finite") / col("one"),
+                  ("log10_mean_ros_nan_fraction",))],
+    fields=("ros", "ros_nan", "ros_floor"), from_summary=lambda s: {} if "log10_ros" in s else None,
+    pair_valid=lambda m, r: {k: np.isfinite(m[f]) & np.isfinite(r[f]) for k, f in
+                             (("log10_ros", "ros"), ("ros_floor", "ros_floor"), ("log10_mean_ros", "ros_nan"))}))
 
 
-# ROAD: per removal level the accuracy on the imputed images (a curve); AOPC summarises it
+# ROAD: per removal level the accuracy on the imputed images (a curve); AOPC summarises it. Protocol v2
+# (PROTOCOL §8.1): pixels of equal map value in a seeded random order; v1's stable order (ties to the
+# lower pixel index) is the variant ``aopc_stable_ties`` (§8.5); the tied fraction per image is stored.
 def _road_compute(b: Batch) -> dict[str, torch.Tensor]:
     cfg = b.config
-    return {"road": metrics.road_curve(b.model, b.x, b.y, b.maps, percentages=cfg.road_percentages,
-                                       noise=cfg.road_noise, generator=b.generator("road")).cpu()}
+    curves = metrics.road_curves(b.model, b.x, b.y, b.maps, percentages=cfg.road_percentages, noise=cfg.road_noise,
+                                 generator=b.generator("road"), ties=("random", "stable"))
+    return {"road": curves["random"].cpu(), "road_stable": curves["stable"].cpu(),
+            "road_tied": metrics.tied_fraction(b.maps).double().cpu()}
 
 
 def _road_summarize(v, cfg) -> dict:
     curve = v["road"].double().mean(0)
     return {"road_curve": dict(zip(map(str, cfg.road_percentages), curve.tolist())),
-            "aopc": float(metrics.road_aopc(v["road"]))}
+            "aopc": float(metrics.road_aopc(v["road"])), "aopc_stable_ties": float(metrics.road_aopc(v["road_stable"])),
+            "road_tied_fraction": float(v["road_tied"].mean())}
 
 
 def _road_decode(per: dict, summ: dict) -> Values:
-    road = np.asarray(per["road"], dtype=np.float64)
     levels = list(summ["road_curve"].keys())
-    return {"road": road.reshape(-1, len(levels)), "levels": levels}
+    return {"road": np.asarray(per["road"], dtype=np.float64).reshape(-1, len(levels)),
+            "road_stable": np.asarray(per["road_stable"], dtype=np.float64).reshape(-1, len(levels)),
+            "road_tied": np.asarray(per["road_tied"], dtype=np.float64), "levels": levels}
 
 
 def aopc_terms(road: np.ndarray) -> np.ndarray:
@@ -372,40 +501,55 @@ def aopc_terms(road: np.ndarray) -> np.ndarray:
 
 def _road_columns(v: Values, valid: dict) -> list[tuple[str, np.ndarray]]:
     # AOPC as its integer numerator per image (sum over levels of r_1% - r_p, each 0/1): the
-    # count-weighted sums are then exact integers whatever the BLAS summation order, so the
-    # bootstrap values that tie with the estimate tie exactly and BCa's bias term is reproducible
-    r = v["road"]
-    return [("aopc_num", (r[:, :1] - r).sum(axis=1)), *[(f"road@{p}", r[:, j]) for j, p in enumerate(v["levels"])]]
+    # count-weighted sums are then exact integers whatever the BLAS summation order
+    r, rs = v["road"], v["road_stable"]
+    return [("aopc_num", (r[:, :1] - r).sum(axis=1)), ("aopcst_num", (rs[:, :1] - rs).sum(axis=1)),
+            ("road_tied", v["road_tied"]), *[(f"road@{p}", r[:, j]) for j, p in enumerate(v["levels"])]]
 
 
 def _road_level(p: str) -> Aggregate:
     return Aggregate(f"road@{p}", None, lambda col, v: col(f"road@{p}") / col("one"), ("road_curve", p), curve=True)
 
 
+def _aopc(num: str):
+    return lambda col, v: col(num) / (col("one") * (v["road"].shape[1] + 1))
+
+
 register_metric(MetricSpec(
-    name="road", description="ROAD: accuracy after removing the top p% of pixels by noisy linear imputation, "
-                             "per level; AOPC (area over the curve) higher is better",
+    name="road", description="ROAD: accuracy after removing the top p% of pixels (ties in seeded random order) by "
+                             "noisy linear imputation, per level; AOPC (area over the curve) higher is better",
     compute=_road_compute,
-    encode=lambda v: {"road": v["road"].int().tolist()},
+    encode=lambda v: {"road": v["road"].int().tolist(), "road_stable": v["road_stable"].int().tolist(),
+                      "road_tied": v["road_tied"].tolist()},
     decode=_road_decode, summarize=_road_summarize, columns=_road_columns,
     aggregates=lambda v: [
-        Aggregate("aopc", +1, lambda col, v: col("aopc_num") / (col("one") * (v["road"].shape[1] + 1)), ("aopc",),
+        Aggregate("aopc", +1, _aopc("aopc_num"), ("aopc",),
                   paired=lambda m, r, valid: (aopc_terms(m["road"]), aopc_terms(r["road"]))),
+        Aggregate("aopc_stable_ties", +1, _aopc("aopcst_num"), ("aopc_stable_ties",),
+                  paired=lambda m, r, valid: (aopc_terms(m["road_stable"]), aopc_terms(r["road_stable"])),
+                  role="variant", variant_of="aopc"),
+        Aggregate("road_tied_fraction", None, lambda col, v: col("road_tied") / col("one"), ("road_tied_fraction",)),
         *[_road_level(p) for p in v["levels"]]],
-    fields=("road",), levels=lambda v: v["levels"],
+    fields=("road", "road_stable", "road_tied"), levels=lambda v: v["levels"],
     from_summary=lambda s: {"levels": list(s["road_curve"])} if "road_curve" in s else None))
 
 
 # decoded values with one level each: enough to list every metric's aggregates (names, directions)
-PROBE = {"sigmas": ["0"], "levels": ["0"], "road": np.zeros((0, 1))}
+PROBE = {"sigmas": ["0"], "levels": ["0"], "road": np.zeros((0, 1)), "road_stable": np.zeros((0, 1))}
 
 
 def headline_aggregates() -> list[tuple[MetricSpec, Aggregate]]:
-    """Every registered metric's headline aggregates, in registry order: those with a direction that
-    are not one level of a curve or of a σ sweep (the protocol's: gini, ssim_mean, log10_ros, aopc).
-    The figures draw one panel per entry."""
+    """Every registered metric's headline aggregates, in registry order (the protocol's: gini,
+    ssim_mean, log10_ros, aopc; PROTOCOL §8.2). The figures draw one panel per entry."""
     return [(m, a) for m in METRICS.values() for a in m.aggregates(PROBE)
-            if a.direction is not None and not a.curve and "@" not in a.name]
+            if a.role == "headline" and not a.curve]
+
+
+def banded_aggregates() -> list[tuple[MetricSpec, Aggregate]]:
+    """The aggregates that get a numerical band (PROTOCOL §8.4): the headline ones and the secondary
+    ``log10_mean_ros``, whose band shows how ill-conditioned it is."""
+    return [(m, a) for m in METRICS.values() for a in m.aggregates(PROBE)
+            if a.role in ("headline", "secondary") and not a.curve]
 
 
 def stack_batches(parts: Sequence[dict[str, torch.Tensor]], spec: MetricSpec) -> dict[str, torch.Tensor]:

@@ -53,7 +53,7 @@ def result_path(dataset: str, sha256: str, protocol: str = PROTOCOL_VERSION, roo
 
 _REQUIRED = {"protocol": str, "dataset": str, "imageset": dict, "config": dict, "versions": dict, "device": str,
              "accuracy": dict, "summary": dict, "per_image": dict, "timings": dict}
-_STORED = {"model": dict, "created": str, "identity": str, "digest": str}
+_STORED = {"model": dict, "created": str, "identity": str, "digest": str, "band": dict}
 
 
 @dataclass
@@ -81,6 +81,7 @@ class Result:
     created: str | None = None
     identity: str | None = None
     digest: str | None = None
+    band: dict | None = None  # the numerical band (benchmark.bands, PROTOCOL §8.4)
 
     @property
     def methods(self) -> list[str]:
@@ -93,7 +94,7 @@ class Result:
     def to_dict(self) -> dict:
         d = {k: getattr(self, k) for k in ("model", "created") if getattr(self, k) is not None}
         d.update({k: getattr(self, k) for k in _REQUIRED})
-        d.update({k: getattr(self, k) for k in ("identity", "digest") if getattr(self, k) is not None})
+        d.update({k: getattr(self, k) for k in ("band", "identity", "digest") if getattr(self, k) is not None})
         return d
 
     @classmethod

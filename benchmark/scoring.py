@@ -158,11 +158,44 @@ def _gen(cfg: ScoreConfig, device, *parts) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + key)
 
 
+def platform_info() -> dict:
+    """What per-image float32 values depend on beyond the weights and draws (PROTOCOL §8.7): the CPU
+    model and the ISA torch dispatches to, torch's and oneDNN's versions, and whether SalBench's native
+    C kernels ran (``SALBENCH_NATIVE=0`` turns them off)."""
+    import os
+    import re
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        isa = torch.backends.cpu.get_cpu_capability()
+    except Exception:  # older torch
+        isa = "unknown"
+    m = re.search(r"(?:oneDNN|MKL-DNN)[^\n]*?v?(\d+\.\d+(?:\.\d+)?)", torch.__config__.show())
+    from salbench.metrics._imputation_solver import IMPUTATION_NATIVE
+    from salbench.metrics.stability import SSIM_NATIVE
+    from salbench.model_zoo.native import LIBRARY as SMOOTHING_NATIVE
+
+    kernels = {"ssim": SSIM_NATIVE.status(), "imputation": IMPUTATION_NATIVE.status(),
+               "smoothing": SMOOTHING_NATIVE.status()}
+    native = all(v == "native" for v in kernels.values())
+    return {"cpu": cpu, "machine": platform.machine(), "isa": isa, "torch": torch.__version__,
+            "onednn": m.group(1) if m else "unknown", "native_kernels": native,
+            "kernels": kernels}
+
+
 def versions() -> dict:
     import captum
 
     out = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
-           "captum": captum.__version__, "protocol": P.PROTOCOL_VERSION}
+           "captum": captum.__version__, "protocol": P.PROTOCOL_VERSION, "platform": platform_info()}
     try:
         from importlib.metadata import version
 
@@ -179,6 +212,7 @@ def score(
     *,
     test_split: Split | None = None,
     progress: bool = True,
+    dtype: torch.dtype | None = None,
 ) -> Result:
     """Score ``model`` on ``imageset`` (a ``benchmark.imagesets.ImageSet``) with every method of
     ``config`` and every registered metric (``benchmark.metric_registry``).
@@ -199,6 +233,10 @@ def score(
     process) and its share of the accuracy batches; the per-image values are gathered, and every rank
     returns the same result, equal in every per-image value to a single-process run on the same device
     type. A bare ``device="cuda"`` means ``cuda:<LOCAL_RANK>`` there.
+
+    ``dtype`` (default: the images' float32) casts the images, and the caller casts the model: the
+    float64 re-score of the numerical band (PROTOCOL §8.4, ``benchmark.bands``). It is not part of
+    the config: a float64 score is a band measurement, never a stored result.
     """
     cfg = resolve_config(config, imageset.dataset)
     device = D.device_for(cfg.device)
@@ -208,7 +246,7 @@ def score(
         model = model.to(device).eval()
         for p in model.parameters():
             p.requires_grad_(False)
-        return _score(model, imageset, cfg, device, test_split=test_split, progress=progress)
+        return _score(model, imageset, cfg, device, test_split=test_split, progress=progress, dtype=dtype)
     finally:
         state.restore(model)
 
@@ -239,7 +277,7 @@ class _ModelState:
 
 
 def _score(model: nn.Module, imageset, cfg: ScoreConfig, device: torch.device, *, test_split: Split | None,
-           progress: bool) -> Result:
+           progress: bool, dtype: torch.dtype | None = None) -> Result:
     n = len(imageset)
     t_start = time.perf_counter()
     timer = _Timer(device)
@@ -261,7 +299,7 @@ def _score(model: nn.Module, imageset, cfg: ScoreConfig, device: torch.device, *
             bar.set_postfix_str(f"batch {b + 1}/{nb} {m} {stage} done", refresh=False)
             bar.update(1)
 
-        parts[start] = score_batch(model, x.to(device), y.to(device), cfg, explainers, specs, start=start,
+        parts[start] = score_batch(model, x.to(device, dtype), y.to(device), cfg, explainers, specs, start=start,
                                    timer=timer, on_stage=step)
     bar.close()
     if D.active():  # every rank gets every batch's values (each batch scored by exactly one rank)

@@ -251,10 +251,17 @@ BOARD_COLUMNS = [
                                               "M1/M2 mean/median SmoothBlock"),
     Column("gini", "Gini \u2191", interval=True, help="sparsity of the maps (Gini index; higher = sparser)"),
     Column("ssim_mean", "SSIM \u2191", interval=True,
-           help="input-side stability: mean SSIM of maps under Gaussian input noise (higher = more stable)"),
+           help="input-side stability: mean SSIM of scale-free maps (each divided by its max |value|) under "
+                "Gaussian input noise (higher = more stable)"),
     Column("log10_ros", "log10 ROS \u2193", interval=True,
-           help="output-side stability: log10 relative output stability (lower = more stable)"),
+           help="output-side stability: median over images of per-image log10 relative output stability "
+                "(lower = more stable); rows with more than 10% NaN images are not ranked on it"),
+    Column("log10_ros_band", "ROS band", digits=3,
+           help="numerical band of log10 ROS: the largest change under a one-ulp weight change or float64 (PROTOCOL §8.4)"),
     Column("aopc", "AOPC \u2191", interval=True, help="faithfulness: ROAD-AOPC (higher = more faithful)"),
+    Column("log10_mean_ros", "log10 mean ROS", interval=True,
+           help="secondary, paper-comparable: log10 of the mean ROS (quantus semantics); ill-conditioned, never "
+                "decides a verdict"),
     Column("natural_acc", "natural acc", digits=4, help="accuracy on the whole test split"),
     Column("robust_acc", "PGD acc", digits=4, help="PGD L-inf robust accuracy, first 1000 test images (PROTOCOL §3)"),
     Column("autoattack_acc", "AutoAttack acc", digits=4,
@@ -274,10 +281,14 @@ COMPARISON_COLUMNS = [
     Column("metric", "metric", "text"),
     Column("n_paired", "n paired", digits=0, help="images with a value for both models"),
     Column("delta", "difference", digits=4, interval=True,
-           help="model - reference, with its paired BCa bootstrap 95% interval"),
+           help="model - reference, with its paired percentile bootstrap 95% interval"),
     Column("p", "p", digits=-1, help="Wilcoxon signed-rank p"),
-    Column("p_holm", "p (Holm)", digits=-1, help="Holm-adjusted per (model, reference, method)"),
-    Column("verdict", "verdict", "text", help="better / worse only when the test and the interval agree (PROTOCOL §7)"),
+    Column("p_holm", "p (Holm)", digits=-1, help="Holm-adjusted over the four headline metrics per (model, reference, method)"),
+    Column("band", "band", digits=3, help="the two models' numerical bands summed: a verdict needs |difference| above it"),
+    Column("verdict", "verdict", "text", help="better / worse only when the test and the interval agree and the "
+                                              "difference exceeds the band (PROTOCOL §7, §8.4)"),
+    Column("robustness", "robustness", "text", help="robust: every robustness variant of the metric gives the same "
+                                                    "verdict; variant-dependent otherwise (PROTOCOL §8.5)"),
 ]
 
 FIGURE_ALT = {
@@ -491,11 +502,30 @@ def index_page(data: SiteData) -> str:
             "of image classifiers are: sparsity (Gini), input-side stability (SSIM under input noise), output-side "
             "stability (relative output stability, ROS) and faithfulness (ROAD-AOPC), each with a 95% bootstrap "
             "interval over a fixed set of 1000 test images, plus paired tests between models.</p>",
+            *central_question_html(data),
             "<h2>Boards</h2>",
             "<ul>" + "".join(items) + "</ul>" if items else "<p>No boards yet.</p>",
             "<p>Submit a model with <code>salbench score</code> (see the README); <code>make run</code> regenerates "
             "the boards and this site.</p>"]
     return page(SITE_TITLE, "\n".join(body), nav=_nav(data, "index.html"))
+
+
+CENTRAL_HEADING = "## Does smoothing make A's maps more trustworthy?"  # = leaderboard.CENTRAL_HEADING (tests keep them equal)
+
+
+def central_question_html(data: SiteData) -> list[str]:
+    """The paper's central question, answered at the seed level: the generated section of each
+    dataset's pattern file (``leaderboard.central_question``), rendered."""
+    out = []
+    for ds in data.datasets:
+        md = ds.pattern_md or ""
+        if CENTRAL_HEADING not in md:
+            continue
+        section = md.split(CENTRAL_HEADING, 1)[1].split("\n## ", 1)[0]
+        out.append(f"<h2>{esc(ds.name)}: does smoothing make A's maps more trustworthy?</h2>")
+        out.append(markdown(section.strip()))
+        out.append(f'<p>Per claim and method with every seed: <a href="{esc(ds.name)}_claims.html">the claims page</a>.</p>')
+    return out
 
 
 # ----------------------------------------------------------------------------- markdown (the claims files)

@@ -4,15 +4,21 @@ Every leaderboard aggregate is a function of per-image columns summed over the f
 a mean (Gini, AOPC, accuracy on the set), a ratio of sums (SSIM over kept images, the nan-mean
 of ROS) or a fixed transform of those (log10 ROS, the mean over σ). A bootstrap resample of
 the images is then a vector of *counts* per image, and every aggregate of a resample is
-``f(counts @ columns)``: one matrix product gives all of them at once. That is what
-:func:`aggregate_ci` and :func:`compare` hand to ``scipy.stats.bootstrap`` (BCa, seeded,
+``f(counts @ columns)``: one matrix product gives all of them at once. An aggregate that is not
+a function of sums (protocol v2's ROS headline, a median of per-image log10 ROS) reads the
+counts themselves (``ColumnSums.counts``, :func:`weighted_median`). That is what
+:func:`aggregate_ci` and :func:`compare` hand to ``scipy.stats.bootstrap`` (percentile
+intervals, PROTOCOL §8.3: BCa under-covers on heavy tails and depends on exact ties; seeded,
 ``N_RESAMPLES`` resamples): the statistic receives resampled image indices and turns them
 into counts, so the intervals are scipy's own, and all boards regenerate in seconds.
 
 Paired comparisons (model vs reference on the same images) resample images jointly and use
 only images valid in both (kept at that σ in both for SSIM, non-NaN in both for ROS); the
-per-image test is ``scipy.stats.wilcoxon`` on the paired per-image values, Holm-adjusted
-within one (model, reference, method) family.
+effect is the difference of the two aggregates, or the aggregate's own paired effect where it
+registers one (ROS: the median of per-image paired log10 differences). The per-image test is
+``scipy.stats.wilcoxon`` on the paired per-image values, Holm-adjusted within one
+(model, reference, method) family over the headline aggregates only (PROTOCOL §8.6); a
+robustness variant or a secondary column is adjusted as if it took its headline's place.
 """
 
 from __future__ import annotations
@@ -151,9 +157,12 @@ class _Columns:
         self.pi = pi
         self.by_name = {a.name: (spec, a) for spec in pi.metrics for a in spec.aggregates(pi.values[spec.name])}
 
-    def aggregates(self, sums: np.ndarray, names: list[str]) -> np.ndarray:
-        """``sums`` (..., k) of count-weighted columns -> (..., len(names)) aggregates."""
-        col = lambda name: sums[..., self.index[name]]  # noqa: E731
+    def aggregates(self, sums: np.ndarray, names: list[str], counts: np.ndarray | None = None) -> np.ndarray:
+        """``sums`` (..., k) of count-weighted columns -> (..., len(names)) aggregates; ``counts``
+        (..., n) are the resample's counts per image (None: every image once)."""
+        if counts is None:
+            counts = np.ones((*sums.shape[:-1], self.pi.n))
+        col = R.ColumnSums(lambda name: sums[..., self.index[name]], counts)
         out = []
         with np.errstate(divide="ignore", invalid="ignore"):
             for name in names:
@@ -177,11 +186,12 @@ def _counts(idx: np.ndarray, n: int) -> np.ndarray:
 
 
 def _bootstrap(n: int, statistic, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """scipy's BCa bootstrap over the n images of a vector statistic of resampled indices.
+    """scipy's percentile bootstrap over the n images of a vector statistic of resampled indices
+    (PROTOCOL §8.3).
 
-    Returns (estimate, lo, hi). Where BCa is undefined (a statistic that does not vary over
-    resamples, e.g. an accuracy of 1.0 on every image) the interval is the estimate itself;
-    where it fails otherwise, the percentile interval of the same resamples is used.
+    Returns (estimate, lo, hi). A statistic that does not vary over resamples (an accuracy of 1.0
+    on every image) gets the estimate itself as its interval; resamples where a statistic is NaN
+    (no valid image drawn) are left out of its percentiles.
     """
     idx = np.arange(n)
     est = statistic(idx[None, :])[0]
@@ -191,7 +201,7 @@ def _bootstrap(n: int, statistic, seed: int) -> tuple[np.ndarray, np.ndarray, np
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        res = sps.bootstrap((idx,), stat, n_resamples=N_RESAMPLES, confidence_level=CONFIDENCE, method="BCa",
+        res = sps.bootstrap((idx,), stat, n_resamples=N_RESAMPLES, confidence_level=CONFIDENCE, method="percentile",
                             vectorized=True, random_state=np.random.default_rng(seed), batch=_BATCH)
     lo, hi = np.array(res.confidence_interval.low, dtype=float), np.array(res.confidence_interval.high, dtype=float)
     dist = np.asarray(res.bootstrap_distribution, dtype=float)  # (k, B)
@@ -213,12 +223,22 @@ def aggregate_names(pi: PerImage, curve: bool = False) -> list[str]:
 
 
 def aggregate_ci(pi: PerImage, names: list[str] | None = None, seed: int = BOOTSTRAP_SEED) -> dict[str, tuple]:
-    """``{name: (estimate, lo, hi)}``: each aggregate with its 95% BCa bootstrap interval over
+    """``{name: (estimate, lo, hi)}``: each aggregate with its 95% percentile bootstrap interval over
     the images (PROTOCOL §7). Names: :func:`aggregate_names` (``road@<p>`` for the curve)."""
     names = names or aggregate_names(pi)
     c = _Columns(pi)
-    est, lo, hi = _bootstrap(pi.n, lambda i: c.aggregates(_counts(i, pi.n) @ c.matrix, names), seed)
+    def statistic(i):
+        counts = _counts(i, pi.n)
+        return c.aggregates(counts @ c.matrix, names, counts)
+
+    est, lo, hi = _bootstrap(pi.n, statistic, seed)
     return {name: (float(e), float(a), float(b)) for name, e, a, b in zip(names, est, lo, hi)}
+
+
+def point_estimates(pi: PerImage, names: list[str]) -> np.ndarray:
+    """The aggregates ``names`` of ``pi`` on the whole set (every image once), without intervals."""
+    c = _Columns(pi)
+    return c.aggregates(np.ones(pi.n) @ c.matrix, names, np.ones(pi.n))
 
 
 def holm(pvalues: list[float]) -> list[float]:
@@ -250,20 +270,25 @@ def wilcoxon_p(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def verdict(delta: float, lo: float, hi: float, p_holm: float, metric: str, n_paired: int,
-            alpha: float = ALPHA) -> str:
+            alpha: float = ALPHA, band: float = 0.0) -> str:
     """``better`` / ``worse`` (model vs reference, in the metric's direction) when the
     Holm-adjusted Wilcoxon p is below ``alpha`` AND the paired bootstrap interval of the delta
-    excludes 0 on the same side; else ``no detectable difference`` (PROTOCOL §7).
+    excludes 0 on the same side AND ``|delta|`` exceeds ``band``, the two models' numerical bands
+    summed (PROTOCOL §7, §8.4); else ``no detectable difference``.
 
     >>> verdict(-0.3, -0.5, -0.1, 0.001, "log10_ros", 900)
     'better'
     >>> verdict(0.01, -0.001, 0.02, 0.01, "gini", 1000)
+    'no detectable difference'
+    >>> verdict(-0.3, -0.5, -0.1, 0.001, "log10_ros", 900, band=0.4)  # inside the numerical band
     'no detectable difference'
     """
     d = direction(metric)
     if n_paired == 0 or d is None or not all(map(math.isfinite, (delta, lo, hi))):
         return "not comparable"
     if not (math.isfinite(p_holm) and p_holm < alpha):
+        return "no detectable difference"
+    if not (math.isfinite(band) and abs(delta) > band):
         return "no detectable difference"
     if lo > 0 and delta > 0:
         return "better" if d > 0 else "worse"
@@ -277,12 +302,26 @@ def compared_metrics(pi: PerImage) -> list[str]:
     return [a.name for a in pi.aggregates() if a.direction is not None]
 
 
-def compare(model: PerImage, ref: PerImage, seed: int = BOOTSTRAP_SEED) -> list[dict]:
-    """Paired comparison of one method of two results on the same images (PROTOCOL §7).
+def _holm_in_place(family: dict[str, float], name: str, p: float) -> float:
+    """Holm-adjusted ``p`` of a test that takes ``name``'s place in the headline ``family``."""
+    keys = list(family)
+    ps = [p if k == name else family[k] for k in keys]
+    if name not in family:
+        keys, ps = keys + [name], ps + [p]
+    return holm(ps)[keys.index(name)]
+
+
+def compare(model: PerImage, ref: PerImage, seed: int = BOOTSTRAP_SEED,
+            bands: dict[str, float] | None = None) -> list[dict]:
+    """Paired comparison of one method of two results on the same images (PROTOCOL §7, §8.6).
 
     Returns one row per compared aggregate (:func:`compared_metrics`, of the metrics both results
-    hold): metric, n_paired, delta (model - reference on the paired images), delta_lo/delta_hi
-    (paired BCa bootstrap), p (Wilcoxon), p_holm, verdict.
+    hold): metric, role (``headline``, ``variant``, ``secondary``, ``level``), n_paired, delta (the
+    aggregate's paired effect, model - reference on the paired images), delta_lo/delta_hi (paired
+    percentile bootstrap), p (Wilcoxon), p_holm (Holm over the headline aggregates; any other row
+    adjusted as if it took its headline's place), band (``bands[name]``: the two models' numerical
+    bands summed, 0 when not given), verdict; a headline row also gets ``robustness``: ``robust``
+    when every robustness variant of it gives the same verdict, else ``variant-dependent``.
     """
     shared = [k for k in model.values if k in ref.values]
     model = PerImage({k: model.values[k] for k in shared}, model.correct)
@@ -294,21 +333,43 @@ def compare(model: PerImage, ref: PerImage, seed: int = BOOTSTRAP_SEED) -> list[
         valid.update(spec.pair_valid(model.values[spec.name], ref.values[spec.name]))
     cm, cr = _Columns(model, valid), _Columns(ref, valid)
     names = compared_metrics(model)
+    plain = [nm for nm in names if cm.by_name[nm][1].effect is None]
+    own = [nm for nm in names if cm.by_name[nm][1].effect is not None]
     both = np.concatenate([cm.matrix, cr.matrix], axis=1)
     k = cm.matrix.shape[1]
+    pos = {nm: j for j, nm in enumerate(plain + own)}
 
     def statistic(i):
-        s = _counts(i, model.n) @ both
-        return cm.aggregates(s[..., :k], names) - cr.aggregates(s[..., k:], names)
+        counts = _counts(i, model.n)
+        s = counts @ both
+        out = [cm.aggregates(s[..., :k], plain, counts) - cr.aggregates(s[..., k:], plain, counts)] if plain else []
+        for nm in own:
+            spec, agg = cm.by_name[nm]
+            out.append(agg.effect(counts, model.values[spec.name], ref.values[spec.name], valid)[..., None])
+        return np.concatenate(out, axis=-1)
 
     est, lo, hi = _bootstrap(model.n, statistic, seed)
     rows = []
-    for j, name in enumerate(names):
+    for name in names:
+        j = pos[name]
         spec, agg = cm.by_name[name]
         a, b = agg.paired(model.values[spec.name], ref.values[spec.name], valid)
-        rows.append({"metric": name, "n_paired": int(len(a)), "delta": float(est[j]), "delta_lo": float(lo[j]),
-                     "delta_hi": float(hi[j]), "p": wilcoxon_p(a, b)})
-    for r, ph in zip(rows, holm([r["p"] for r in rows])):
+        rows.append({"metric": name, "role": agg.role, "variant_of": agg.variant_of or "", "n_paired": int(len(a)),
+                     "delta": float(est[j]), "delta_lo": float(lo[j]), "delta_hi": float(hi[j]),
+                     "p": wilcoxon_p(a, b), "band": float((bands or {}).get(name, 0.0))})
+    headline = {r["metric"]: r["p"] for r in rows if r["role"] == "headline"}
+    for r, ph in zip([r for r in rows if r["role"] == "headline"], holm(list(headline.values()))):
         r["p_holm"] = ph
-        r["verdict"] = verdict(r["delta"], r["delta_lo"], r["delta_hi"], ph, r["metric"], r["n_paired"])
+    for r in rows:
+        if r["role"] != "headline":
+            r["p_holm"] = _holm_in_place(headline, r["variant_of"] or r["metric"], r["p"])
+        r["verdict"] = verdict(r["delta"], r["delta_lo"], r["delta_hi"], r["p_holm"], r["metric"], r["n_paired"],
+                               band=r["band"])
+    by = {r["metric"]: r for r in rows}
+    for r in rows:
+        if r["role"] == "headline":
+            variants = [v for v in rows if v["role"] == "variant" and v["variant_of"] == r["metric"]]
+            r["robustness"] = ("robust" if all(v["verdict"] == r["verdict"] for v in variants)
+                               else "variant-dependent")
+    del by
     return rows

@@ -5,12 +5,15 @@ Methods") removes the most relevant pixels first and fills them by noisy linear 
 that the filled image does not leak where pixels were removed; a faithful map makes the
 accuracy drop quickly. The imputation solves the exact sparse system of the authors' code and
 of quantus ``noisy_linear_imputation``, batched over images, channels and removal levels.
+Pixels of equal map value are ordered by a seeded random permutation per image (PROTOCOL §8.1)
+or, as in protocol v1, by pixel index (``ties="stable"``); :func:`tied_fraction` says how many
+pixels of a map are tied.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Literal, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -19,6 +22,7 @@ from salbench.metrics._imputation_solver import solve_imputation
 from salbench.metrics._validation import (
     EvalMode,
     check_images,
+    check_maps,
     check_maps_match_images,
     check_model,
     check_nonempty,
@@ -29,9 +33,12 @@ from salbench.metrics._validation import (
     logits_of,
     randn_like,
 )
-from salbench.metrics.protocol import ROAD_NOISE, ROAD_PERCENTAGES
+from salbench.metrics.protocol import ROAD_NOISE, ROAD_PERCENTAGES, ROAD_TIE_SEED_OFFSET
 
-__all__ = ["noisy_linear_imputation", "road_curve", "road_aopc"]
+__all__ = ["noisy_linear_imputation", "road_curve", "road_curves", "road_aopc", "tied_fraction"]
+
+#: The tie orders :func:`road_curve` knows: ``"random"`` (PROTOCOL §8.1) and ``"stable"`` (v1, §3).
+TIE_MODES = ("random", "stable")
 
 #: With ``batch_size=None``, :func:`road_curve` imputes about this many values (images x levels
 #: x C x H x W) per chunk and classifies them in one model call; on CPU, model calls of about a
@@ -139,16 +146,28 @@ def road_curve(
     noise: float = ROAD_NOISE,
     generator: torch.Generator | None = None,
     batch_size: int | None = None,
+    *,
+    ties: Literal["random", "stable"] = "random",
 ) -> Tensor:
-    r"""ROAD: is each image still classified as ``y`` after removing its top-p% pixels? (PROTOCOL §3 "ROAD-AOPC")
+    r"""ROAD: is each image still classified as ``y`` after removing its top-p% pixels? (PROTOCOL §3, §8.1)
 
     Pixels (H * W positions, all channels together) are ranked by the signed map value, most
-    relevant first, ties to the lower pixel index; level p removes ``int(H * W * p / 100)``
-    of them, fills them by :func:`noisy_linear_imputation`, and checks the model's argmax.
-    All levels of a chunk of images are imputed and classified in one batch.
+    relevant first; level p removes ``int(H * W * p / 100)`` of them, fills them by
+    :func:`noisy_linear_imputation`, and checks the model's argmax. All levels of a chunk of
+    images are imputed and classified in one batch.
+
+    Pixels of equal map value (:func:`tied_fraction`) are ordered, with ``ties="random"``
+    (protocol v2, §8.1), by a random permutation of the image's pixels: the map is sorted
+    stably after that permutation. With ``ties="stable"`` (protocol v1) they go to the lower
+    pixel index first (raster order), as v1 computed it, bit for bit. A map without ties gets
+    the same order, and the same result, in both modes.
 
     The noise of image i is drawn from its own generator, seeded by the i-th of B seeds drawn
-    from ``generator``, so the result does not depend on ``batch_size``.
+    from ``generator``; its tie permutation from another generator seeded by that seed plus
+    ``ROAD_TIE_SEED_OFFSET``. So the result does not depend on ``batch_size``, and both tie
+    modes use the same noise draws (only the order of the removed pixels differs).
+    :func:`road_curves` returns both modes' curves at the cost of one plus the levels where
+    they differ.
 
     Args:
         model: classifier (B, C, H, W) in [0, 1] -> (B, K) logits tensor; run in eval mode with
@@ -158,11 +177,12 @@ def road_curve(
         maps: saliency maps (B, H, W), signed values are used as they are.
         percentages: removal levels in percent, L of them (default: the protocol's 20).
         noise: imputation noise standard deviation (default: the protocol's).
-        generator: source of the noise; ``None`` uses a fresh generator on ``x``'s device seeded
-            with 0.
+        generator: source of the noise and of the tie permutations; ``None`` uses a fresh
+            generator on ``x``'s device seeded with 0.
         batch_size: images per chunk (each chunk imputes and classifies ``batch_size * L``
             images at once). ``None`` picks a chunk of about 1M pixel values (66 FMNIST
             images, 1 ImageNette image). The result does not depend on it.
+        ties: ``"random"`` (default, protocol v2) or ``"stable"`` (protocol v1).
 
     Returns:
         correctness (B, L) bool; ``road_aopc`` turns it into the protocol's score.
@@ -171,8 +191,8 @@ def road_curve(
         ValueError: on a malformed ``x``, ``y`` or ``maps`` (wrong rank, batch-size mismatch,
             NaN/inf, empty batch, channels-last or outside [0, 1] images, a negative label or
             one beyond the logits), an empty or out-of-range ``percentages`` (a level that
-            removes every pixel), a negative ``noise``, a non-positive ``batch_size``, or a
-            model that does not return a (B, K) logits tensor.
+            removes every pixel), a negative ``noise``, a non-positive ``batch_size``, an
+            unknown ``ties``, or a model that does not return a (B, K) logits tensor.
 
     Example:
         >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 2))
@@ -180,7 +200,61 @@ def road_curve(
         >>> maps = torch.arange(32.).reshape(2, 4, 4)
         >>> road_curve(model, x, torch.tensor([0, 1]), maps, percentages=(10, 50, 90)).shape
         torch.Size([2, 3])
+        >>> # no tied values: both tie orders give the same curve
+        >>> bool((road_curve(model, x, torch.tensor([0, 1]), maps, ties="stable")
+        ...       == road_curve(model, x, torch.tensor([0, 1]), maps)).all())
+        True
     """
+    _check_tie_mode(ties)
+    return road_curves(model, x, y, maps, percentages, noise, generator, batch_size, ties=(ties,))[ties]
+
+
+def road_curves(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    maps: Tensor,
+    percentages: Sequence[float] = ROAD_PERCENTAGES,
+    noise: float = ROAD_NOISE,
+    generator: torch.Generator | None = None,
+    batch_size: int | None = None,
+    *,
+    ties: Sequence[Literal["random", "stable"]] = TIE_MODES,
+) -> dict[str, Tensor]:
+    r""":func:`road_curve` for several tie orders at once, on the same draws (PROTOCOL §3 "ROAD-AOPC", §8.1, §8.5).
+
+    ``road_curves(..., ties=modes)[m]`` equals ``road_curve(..., ties=m)`` with a generator in
+    the same state, for every ``m`` in ``modes``: the same noise draws and tie permutations.
+    An (image, level) pair whose removed pixel set is the same under every mode (every level
+    of a map without ties, and the levels whose cut falls outside its tied values) is imputed
+    and classified once; only the pairs where an order removes other pixels than the first
+    mode's are computed again. The scoring harness stores the headline (``"random"``) and the
+    ``aopc_stable_ties`` variant (``"stable"``) from one call.
+
+    Args:
+        model, x, y, maps, percentages, noise, generator, batch_size: as :func:`road_curve`.
+        ties: the tie orders, a non-empty sequence of ``"random"`` and ``"stable"`` (default:
+            both).
+
+    Returns:
+        ``{mode: correctness (B, L) bool}`` for every mode of ``ties``, in that order.
+
+    Raises:
+        ValueError: as :func:`road_curve`, and on an empty ``ties`` or an unknown mode in it.
+
+    Example:
+        >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 2))
+        >>> x = torch.rand(2, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+        >>> maps = torch.zeros(2, 4, 4)  # every pixel tied
+        >>> curves = road_curves(model, x, torch.tensor([0, 1]), maps, percentages=(10, 50, 90))
+        >>> sorted(curves), curves["random"].shape, curves["stable"].dtype
+        (['random', 'stable'], torch.Size([2, 3]), torch.bool)
+    """
+    if isinstance(ties, str) or not isinstance(ties, Sequence) or len(ties) == 0:
+        raise ValueError(f"ties must be a non-empty sequence of tie modes {TIE_MODES}, got {ties!r}")
+    for mode in ties:
+        _check_tie_mode(mode)
+    modes = list(dict.fromkeys(ties))
     check_model(model)
     check_images(x)
     check_pixel_range(x)
@@ -198,20 +272,26 @@ def road_curve(
     generator = default_generator(generator, x.device)
     seeds = torch.randint(0, 2**62, (batch,), generator=generator, device=generator.device).tolist()
 
-    order = torch.sort(maps.flatten(1), dim=1, descending=True, stable=True).indices
-    rank = torch.empty_like(order)
-    rank.scatter_(1, order, torch.arange(n_pixels, device=order.device).expand(batch, n_pixels))
-    k = torch.tensor(counts, device=rank.device)
+    flat = maps.flatten(1)
+    ranks = [_rank(flat, mode, seeds, generator) for mode in modes]
+    k = torch.tensor(counts, device=ranks[0].device)
 
-    correct = torch.empty(batch, levels, dtype=torch.bool, device=x.device)
+    correct = {mode: torch.empty(batch, levels, dtype=torch.bool, device=x.device) for mode in modes}
     classify = logits_of(model, max_label)
     with EvalMode(model):
         for start in range(0, batch, batch_size):
             sl = slice(start, start + batch_size)
             xb, b = x[sl], x[sl].shape[0]
-            removed = (rank[sl, None, :] < k[None, :, None]).view(b * levels, height, width).to(x.device)
-            stack = xb.unsqueeze(1).expand(b, levels, channels, height, width)
-            filled = solve_imputation(stack.reshape(b * levels, channels, height, width), removed)
+            # removed pixels per (image, level) of each mode: (b * L, H, W)
+            removed = [(rank[sl, None, :] < k[None, :, None]).view(b * levels, height, width).to(x.device)
+                       for rank in ranks]
+            # the first mode computes every pair; a further mode only the pairs whose pixels differ
+            extra = [(r != removed[0]).flatten(1).any(dim=1).nonzero().squeeze(1) for r in removed[1:]]
+            pair = torch.cat([torch.arange(b * levels, device=x.device), *extra])  # (image, level) of each row
+            mask = torch.cat([removed[0], *(r[idx] for r, idx in zip(removed[1:], extra))])
+            stack = xb.unsqueeze(1).expand(b, levels, channels, height, width).reshape(b * levels, channels, height,
+                                                                                        width)
+            filled = solve_imputation(stack if pair.numel() == b * levels else stack[pair], mask)
             if noise > 0:
                 eps = torch.cat(
                     [
@@ -219,18 +299,85 @@ def road_curve(
                         for seed in seeds[start : start + b]
                     ]
                 )
-                filled.addcmul_(eps, removed.to(x.dtype).unsqueeze(1), value=noise)
+                if pair.numel() > b * levels:
+                    eps = eps[pair.to(eps.device)]
+                filled.addcmul_(eps, mask.to(x.dtype).unsqueeze(1), value=noise)
             per_call = filled.shape[0]
             if filled.device.type == "cpu":
                 per_call = max(1, _CPU_FORWARD_ELEMENTS // (channels * n_pixels))
             with torch.no_grad():
                 pred = torch.cat([classify(part).argmax(dim=1) for part in filled.split(per_call)])
-            correct[sl] = pred.view(b, levels) == y[sl].unsqueeze(1)
+            hit = (pred == y[sl].to(pred.device).repeat_interleave(levels)[pair.to(pred.device)]).to(x.device)
+            first = hit[: b * levels]
+            correct[modes[0]][sl] = first.view(b, levels)
+            offset = b * levels
+            for mode, idx in zip(modes[1:], extra):  # a further mode: the first's, except where it differs
+                own = first.clone()
+                own[idx] = hit[offset : offset + idx.numel()]
+                offset += idx.numel()
+                correct[mode][sl] = own.view(b, levels)
     return correct
+
+
+def _check_tie_mode(ties: object) -> None:
+    if not isinstance(ties, str) or ties not in TIE_MODES:
+        raise ValueError(f"ties must be one of {TIE_MODES}, got {ties!r}")
+
+
+def _rank(flat: Tensor, mode: str, seeds: list[int], generator: torch.Generator) -> Tensor:
+    """(B, N) position of each pixel in the removal order of ``mode`` (0 = removed first)."""
+    batch, n_pixels = flat.shape
+    if mode == "stable":
+        order = torch.sort(flat, dim=1, descending=True, stable=True).indices
+    else:  # a random permutation per image, then a stable sort: ties keep the permutation's order
+        perm = torch.stack(
+            [torch.randperm(n_pixels, generator=_tie_generator(seed, generator), device=generator.device)
+             for seed in seeds]
+        ).to(flat.device)
+        order = perm.gather(1, torch.sort(flat.gather(1, perm), dim=1, descending=True, stable=True).indices)
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(n_pixels, device=order.device).expand(batch, n_pixels))
+    return rank
 
 
 def _image_generator(seed: int, parent: torch.Generator) -> torch.Generator:
     return torch.Generator(device=parent.device).manual_seed(seed)
+
+
+def _tie_generator(seed: int, parent: torch.Generator) -> torch.Generator:
+    """The tie permutation's generator of the image whose noise seed is ``seed`` (in [0, 2^62))."""
+    return torch.Generator(device=parent.device).manual_seed(seed + ROAD_TIE_SEED_OFFSET)
+
+
+def tied_fraction(maps: Tensor) -> Tensor:
+    r"""Fraction of each map's pixels whose value another pixel of that map shares (PROTOCOL §8.1).
+
+    These are the pixels whose ROAD order a tie rule decides (:func:`road_curve`'s ``ties``):
+    integrated gradients are exactly 0 wherever the image is 0, and a ReLU network's vanilla
+    gradient is often 0 on whole regions. Values compare as floats (``-0.0 == 0.0``).
+
+    Args:
+        maps: saliency maps (B, H, W).
+
+    Returns:
+        (B,) float64 in [0, 1]: 0 for a map of distinct values, 1 for a constant map (with more
+        than one pixel).
+
+    Raises:
+        ValueError: if ``maps`` is not a non-empty, finite, floating (B, H, W) tensor.
+
+    Example:
+        >>> maps = torch.tensor([[[0., 0.], [1., 2.]], [[3., 3.], [3., 3.]], [[1., 2.], [3., 4.]]])
+        >>> tied_fraction(maps)
+        tensor([0.5000, 1.0000, 0.0000], dtype=torch.float64)
+    """
+    check_maps(maps)
+    values = torch.sort(maps.flatten(1), dim=1).values
+    same = values[:, 1:] == values[:, :-1]  # each sorted value equals its right neighbour
+    tied = torch.zeros_like(values, dtype=torch.bool)
+    tied[:, 1:] |= same
+    tied[:, :-1] |= same
+    return tied.sum(dim=1).to(torch.float64) / values.shape[1]
 
 
 def road_aopc(curve: Tensor) -> float:

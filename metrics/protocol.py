@@ -1,4 +1,4 @@
-"""Constants of the SalBench scoring protocol (protocol v1).
+"""Constants of the SalBench scoring protocol (protocol v2).
 
 Every default used by the metric functions lives here, once. The meaning of each value is
 given in ``PROTOCOL.md`` (sections "2. Attributions" and "3. Metrics"); code cites those
@@ -7,7 +7,7 @@ sections instead of restating them.
 
 from __future__ import annotations
 
-PROTOCOL_VERSION = "v1"
+PROTOCOL_VERSION = "v2"
 
 # PROTOCOL §2: Integrated Gradients
 IG_STEPS = 50
@@ -28,10 +28,17 @@ ROS_SAMPLES = 5
 ROS_NOISE_LOW = 0.02
 ROS_NOISE_HIGH = 0.2
 ROS_EPS = 1e-6
+# PROTOCOL §8.5: the ``ros_floor`` variant floors the clean map's element-wise denominator at this
+# fraction of the image's max|map| (keeping its sign, 0 counted +)
+ROS_FLOOR_FRACTION = 1e-3
 
 # PROTOCOL §3: ROAD
 ROAD_PERCENTAGES: tuple[int, ...] = tuple(range(1, 100, 5))  # 1, 6, ..., 96 (L = 20)
 ROAD_NOISE = 0.01
+# PROTOCOL §8.1: ROAD orders tied map values by a seeded random permutation per image, drawn from
+# a generator seeded with (the image's noise seed + this offset): noise seeds lie in [0, 2^62), tie
+# seeds in [2^63, 2^63 + 2^62), so the two streams never share a seed
+ROAD_TIE_SEED_OFFSET = 1 << 63
 # 8-neighbour weights of the noisy linear imputation: (dy, dx) -> weight
 ROAD_NEIGHBOUR_WEIGHTS: tuple[tuple[int, int, float], ...] = (
     (-1, -1, 1 / 12), (-1, 0, 1 / 6), (-1, 1, 1 / 12),

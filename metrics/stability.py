@@ -1,9 +1,11 @@
 """Stability of saliency maps (PROTOCOL §3 "SSIM under noise" and "ROS").
 
 Input side: :func:`ssim_under_noise` compares the map of an image with the map of a noisy copy
-through :func:`ssim`, a batched torch port of ``skimage.metrics.structural_similarity``.
+through :func:`ssim`, a batched torch port of ``skimage.metrics.structural_similarity``; by
+default each map is first divided by its own max|map| (protocol v2, PROTOCOL §8.2).
 Output side: :func:`relative_output_stability` relates the change of the map to the change of
-the logits under small uniform perturbations (Agarwal et al. 2022, as computed by quantus).
+the logits under small uniform perturbations (Agarwal et al. 2022; v1 as computed by quantus);
+:func:`ros_variants` gives the v2 headline and its variants (PROTOCOL §8.2, §8.5) in one pass.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from salbench.metrics._validation import (
 from salbench.metrics.attributions import Explainer
 from salbench.metrics.protocol import (
     ROS_EPS,
+    ROS_FLOOR_FRACTION,
     ROS_NOISE_HIGH,
     ROS_NOISE_LOW,
     ROS_SAMPLES,
@@ -46,7 +49,8 @@ from salbench.metrics.protocol import (
     SSIM_WIN_SIZE,
 )
 
-__all__ = ["ssim", "SSIMUnderNoise", "ssim_under_noise", "relative_output_stability", "aggregate_ros"]
+__all__ = ["ssim", "SSIMUnderNoise", "ssim_under_noise", "relative_output_stability", "ros_variants",
+           "aggregate_ros"]
 
 #: :func:`ssim` works on chunks of images whose float64 planes (1 + 3 S per image) hold about this
 #: many values: on CPU small enough to stay in cache (2^16 measured fastest for 8 x 1000 FMNIST
@@ -223,14 +227,46 @@ def _ssim_chunk(a: Tensor, b: Tensor, data_range: float, win_size: int, buf: Ten
     return num.div_(den).mean(dim=(2, 3)).mul_(4)
 
 
-class SSIMUnderNoise(NamedTuple):
-    """Result of :func:`ssim_under_noise`: one row per noise level σ, one column per image."""
+class _SSIMUnderNoiseFields(NamedTuple):
+    scores: Tensor
+    kept: Tensor
+
+
+class SSIMUnderNoise(_SSIMUnderNoiseFields):
+    """Result of :func:`ssim_under_noise`: one row per noise level σ, one column per image.
+
+    A named tuple ``(scores, kept)`` (it unpacks into those two), plus the attribute
+    ``scores_raw``.
+    """
 
     #: SSIM between the map of x and the map of the noisy copy, (S, B); NaN where ``kept`` is False
-    #: (those noisy copies are not attributed), so ``scores.nanmean(dim=1)`` is the protocol's mean per σ.
+    #: (those noisy copies are not attributed) and, for scale-free maps, where either map is all
+    #: zero, so ``scores.nanmean(dim=1)`` is the protocol's mean per σ.
     scores: Tensor
     #: whether the noisy copy is still classified as ``y`` (S, B) bool; the protocol averages over these.
     kept: Tensor
+    #: with ``with_raw=True``: the SSIM of the raw maps (v1, the variant ``ssim_raw``) of the same
+    #: noisy copies, (S, B), NaN where ``kept`` is False; else ``None``.
+    scores_raw: Tensor | None = None
+
+    def __new__(cls, scores: Tensor, kept: Tensor, scores_raw: Tensor | None = None) -> "SSIMUnderNoise":
+        self = super().__new__(cls, scores, kept)
+        self.scores_raw = scores_raw
+        return self
+
+    def _replace(self, **changes: Tensor | None) -> "SSIMUnderNoise":
+        fields = {"scores": self.scores, "kept": self.kept, "scores_raw": self.scores_raw}
+        unknown = set(changes) - set(fields)
+        if unknown:
+            raise ValueError(f"SSIMUnderNoise has no field(s) {sorted(unknown)}")
+        return type(self)(**{**fields, **changes})
+
+    def __getnewargs__(self) -> tuple:
+        return (self.scores, self.kept, self.scores_raw)
+
+    def __repr__(self) -> str:
+        raw = "" if self.scores_raw is None else f", scores_raw={self.scores_raw!r}"
+        return f"SSIMUnderNoise(scores={self.scores!r}, kept={self.kept!r}{raw})"
 
 
 def _check_explainer(explainer: object) -> None:
@@ -263,8 +299,8 @@ def _explain_kept(
     no image is kept). Images that are not kept are not attributed when that saves work.
 
     The protocol needs the prediction on every image but the map of the kept ones only
-    (PROTOCOL §3: SSIM drops noisy images whose prediction flipped, a flipped ROS sample makes its
-    image NaN). Two cases, told apart by a probe on the model's first call:
+    (PROTOCOL §3: SSIM drops noisy images whose prediction flipped; a flipped ROS sample is left out of
+    its image's maximum, or makes the image NaN in v1). Two cases, told apart by a probe on the model's first call:
 
     - The explainer's first model call is on exactly ``x`` (a gradient explainer such as
       :func:`vanilla_gradient`): its output is the logits, so the explainer runs on the whole
@@ -327,17 +363,29 @@ def ssim_under_noise(
     sigmas: Sequence[float] = SSIM_SIGMAS,
     generator: torch.Generator | None = None,
     maps: Tensor | None = None,
+    *,
+    normalize: bool = True,
+    with_raw: bool = False,
 ) -> SSIMUnderNoise:
-    r"""Input-side stability: SSIM between maps of x and of noisy x (PROTOCOL §3 "SSIM under noise").
+    r"""Input-side stability: SSIM between maps of x and of noisy x (PROTOCOL §3 "SSIM under noise", §8.2).
 
     For each σ in ``sigmas``, in order, one Gaussian draw per image from ``generator`` makes
     the clipped noisy copy ``x~``; ``kept[s] = (argmax model(x~) == y)`` and, for the kept
     images, ``scores[s] = ssim(maps, explainer(model, x~, y))``. The protocol drops the other
     images, so they are not attributed and their score is NaN: the aggregate per σ is
-    ``scores[s].nanmean()`` (= ``scores[s][kept[s]].mean()``), reported with ``kept[s].float().mean()``.
-    The prediction on ``x~`` comes from the explainer's own forward pass when its first model
-    call is on ``x~`` itself (vanilla gradient), else from one gradient-free forward pass, after
-    which only the kept images are attributed (integrated gradients).
+    ``scores[s].nanmean()`` (= ``scores[s][kept[s]].mean()`` when no map is all zero), reported
+    with ``kept[s].float().mean()``. The prediction on ``x~`` comes from the explainer's own
+    forward pass when its first model call is on ``x~`` itself (vanilla gradient), else from one
+    gradient-free forward pass, after which only the kept images are attributed (integrated
+    gradients).
+
+    With ``normalize=True`` (protocol v2's headline, §8.2) each map, clean and noisy, is first
+    divided by its own max|map| (so it lies in [-1, 1]; ``data_range`` 2 is then its range):
+    the score no longer depends on the gradients' scale (multiplying the logits by 10 changes
+    no prediction and no score). A pair where either map is all zero has no scale-free map:
+    its score is NaN although ``kept`` is True. ``normalize=False`` is v1's SSIM of the raw maps
+    (the authors' code; the variant ``ssim_raw``), and ``with_raw=True`` adds those scores, on
+    the same noisy maps (no extra attribution), as ``scores_raw``.
 
     Args:
         model: classifier (B, C, H, W) in [0, 1] -> (B, K) logits tensor; run in eval mode with
@@ -349,27 +397,33 @@ def ssim_under_noise(
         generator: source of every noise draw. ``None`` uses a fresh generator on ``x``'s device
             seeded with 0. Draws are made on the generator's device.
         maps: ``explainer(model, x, y)`` if already computed (B, H, W), to avoid recomputing it.
+        normalize: compare scale-free maps (default, v2) or the raw maps (v1).
+        with_raw: also return the raw-map scores as ``scores_raw``.
 
     Returns:
-        ``SSIMUnderNoise(scores (S, B) in the dtype of the maps, NaN where not kept; kept (S, B) bool)``.
+        ``SSIMUnderNoise(scores (S, B) in the dtype of the maps, NaN where not kept (and, with
+        ``normalize``, where a map is all zero); kept (S, B) bool)``, whose ``scores_raw`` is the
+        (S, B) raw-map SSIM with ``with_raw=True``, else ``None``.
 
     Raises:
         ValueError: on a malformed ``x``, ``y`` or ``maps`` (wrong rank, batch-size mismatch,
             NaN/inf, empty batch, channels-last or outside [0, 1] images, a label beyond the
-            logits), a negative or non-finite σ, an empty ``sigmas``, an explainer that returns
-            the wrong shape, or a model that does not return a (B, K) logits tensor.
+            logits), a negative or non-finite σ, an empty ``sigmas``, a ``normalize`` or
+            ``with_raw`` that is not a bool, an explainer that returns the wrong shape, or a
+            model that does not return a (B, K) logits tensor.
 
     Example:
         >>> from metrics.attributions import vanilla_gradient
         >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(36, 2))
         >>> x, y = torch.rand(3, 1, 6, 6, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 1, 0])
-        >>> out = ssim_under_noise(model, x, y, vanilla_gradient, sigmas=(0.1, 0.2))
-        >>> out.scores.shape, out.kept.shape
-        (torch.Size([2, 3]), torch.Size([2, 3]))
+        >>> out = ssim_under_noise(model, x, y, vanilla_gradient, sigmas=(0.1, 0.2), with_raw=True)
+        >>> out.scores.shape, out.kept.shape, out.scores_raw.shape
+        (torch.Size([2, 3]), torch.Size([2, 3]), torch.Size([2, 3]))
         >>> bool((out.scores[out.kept] == 1).all())  # the gradient of a linear model does not depend on x
         True
         >>> bool(out.scores[~out.kept].isnan().all())  # flipped noisy copies are not attributed
         True
+        >>> scores, kept = out  # a named tuple (scores, kept)
     """
     check_model(model)
     _check_explainer(explainer)
@@ -382,6 +436,9 @@ def ssim_under_noise(
     for sigma in sigmas:
         if not (isinstance(sigma, (int, float)) and math.isfinite(sigma) and sigma >= 0):
             raise ValueError(f"every sigma must be a finite number >= 0, got {sigma!r}")
+    for name, flag in (("normalize", normalize), ("with_raw", with_raw)):
+        if not isinstance(flag, bool):
+            raise ValueError(f"{name} must be True or False, got {flag!r}")
     if maps is not None:
         check_maps_match_images(maps, x)
     generator = default_generator(generator, x.device)
@@ -399,8 +456,22 @@ def ssim_under_noise(
             kept[s] = keep.to(kept.device)
             if found is not None:
                 noisy_maps[s, kept[s]] = found.to(device=maps.device, dtype=maps.dtype)[kept[s]]
-        scores = ssim(maps, noisy_maps).masked_fill_(~kept, math.nan)
-    return SSIMUnderNoise(scores, kept)
+        raw = ssim(maps, noisy_maps).masked_fill_(~kept, math.nan) if with_raw or not normalize else None
+        if normalize:
+            clean, clean_zero = _scale_free(maps)
+            noisy_maps, noisy_zero = _scale_free(noisy_maps)
+            scores = ssim(clean, noisy_maps).masked_fill_(~kept | clean_zero | noisy_zero, math.nan)
+        else:
+            scores = raw
+    return SSIMUnderNoise(scores, kept, raw if with_raw else None)
+
+
+def _scale_free(maps: Tensor) -> tuple[Tensor, Tensor]:
+    """``(maps / max|map|, all-zero flags)`` per (H, W) map of ``maps`` (..., H, W); an all-zero
+    map stays zero (its flag marks it for a NaN score)."""
+    peak = maps.abs().amax(dim=(-2, -1), keepdim=True)
+    zero = peak == 0
+    return maps / peak.masked_fill(zero, 1), zero[..., 0, 0]
 
 
 def relative_output_stability(
@@ -413,23 +484,40 @@ def relative_output_stability(
     generator: torch.Generator | None = None,
     maps: Tensor | None = None,
     logits: Tensor | None = None,
+    *,
+    flips: Literal["exclude", "nan"] = "exclude",
+    floor: float | None = None,
 ) -> Tensor:
-    r"""Relative output stability (ROS) per image, lower = more stable (PROTOCOL §3 "ROS").
+    r"""Relative output stability (ROS) per image, lower = more stable (PROTOCOL §3 "ROS", §8.2, §8.5).
 
     Each of the ``n_samples`` perturbations ``x'`` is one uniform draw per element from
     ``generator`` (one-sided, not clipped); the map of ``x'`` comes from ``explainer`` and the
-    output change from the logits. ``variant="paper"`` is what quantus
-    ``RelativeOutputStability`` computes (leaderboards): a sample whose prediction flips makes
-    the image NaN. ``variant="agarwal"`` (Agarwal et al. 2022, the paper's Eq. 34) divides by
-    the relative logit change (with the ``[h == 0]`` guard of the numerator) and leaves
-    flipped samples out of the maximum (NaN only if every sample flips).
+    output change from the logits. The image's ROS is the maximum of its samples' ratios.
+
+    ``variant`` picks the output-side denominator: ``"paper"`` the logit change
+    ``||h - h'||`` (what quantus ``RelativeOutputStability`` computes), ``"agarwal"`` (Agarwal
+    et al. 2022, the paper's Eq. 34) the relative logit change ``||(h - h') / h||`` (with the
+    ``[h == 0]`` guard of the numerator, at least 1e-6).
+
+    ``flips`` says what a sample whose prediction flips does: ``"exclude"`` (default, protocol
+    v2's headline, Agarwal et al.'s definition) leaves it out of the image's maximum, and the
+    image is NaN only when every sample flips; ``"nan"`` (protocol v1 and quantus: use it with
+    ``variant="paper"`` to reproduce v1) makes the image NaN as soon as one sample flips.
+
+    ``floor`` changes the clean map's element-wise denominator ``e`` of the numerator
+    ``||(e - e') / e||``: ``None`` (v1, v2's headline) uses ``e + 1e-6 [e == 0]``, which a
+    numerically zero map element turns into a factor of up to 1e6 (PROTOCOL §8 (a)); a number
+    f in (0, 1] uses ``sign(e) max(|e|, f max|e|)`` (max over the image's map, sign(0) counted
+    +), so no element weighs more than 1 / f times the map's largest (the variant ``ros_floor``
+    with f = ``ROS_FLOOR_FRACTION``). An all-zero clean map has no scale; it keeps the 1e-6 guard.
 
     Only the attributions the result depends on are computed: a flipped sample is not
-    attributed, and with ``variant="paper"`` an image that is already NaN is neither classified
+    attributed, and with ``flips="nan"`` an image that is already NaN is neither classified
     nor attributed again. Every sample still draws noise for the whole batch, so the draws (and
     every non-NaN value) do not depend on which images were skipped. The logits of ``x'`` come
     from the explainer's own forward pass where its first model call is on ``x'`` (vanilla
     gradient), else from one gradient-free forward pass before it (integrated gradients).
+    :func:`ros_variants` computes the v2 headline and its variants from one set of samples.
 
     Args:
         model: classifier (B, C, H, W) in [0, 1] -> (B, K) logits tensor; run in eval mode with
@@ -438,21 +526,24 @@ def relative_output_stability(
         y: true labels (B,), the attribution target.
         explainer: ``explainer(model, x, y) -> (B, H, W)``.
         n_samples: number of perturbations per image (default: the protocol's).
-        variant: ``"paper"`` or ``"agarwal"``.
+        variant: ``"paper"`` or ``"agarwal"`` (the output-side denominator).
         generator: source of the perturbations; ``None`` uses a fresh generator on ``x``'s
             device seeded with 0. Draws are made on the generator's device.
         maps: ``explainer(model, x, y)`` if already computed (B, H, W).
         logits: ``model(x)`` if already computed (B, K).
+        flips: ``"exclude"`` (default, v2) or ``"nan"`` (v1, quantus).
+        floor: ``None`` (default) or the floor fraction f in (0, 1] of the map-side denominator.
 
     Returns:
         ROS per image (B,) in the dtype of the maps; NaN marks images as described above.
-        Aggregate with :func:`aggregate_ros`.
+        Aggregate with :func:`aggregate_ros` (v1) or the median of the per-image log10 (v2).
 
     Raises:
         ValueError: on a malformed ``x``, ``y``, ``maps`` or ``logits`` (wrong rank, batch-size
             mismatch, NaN/inf, empty batch, channels-last or outside [0, 1] images, a label
-            beyond the logits), ``n_samples < 1``, an unknown ``variant``, an explainer that
-            returns the wrong shape, or a model that does not return a (B, K) logits tensor.
+            beyond the logits), ``n_samples < 1``, an unknown ``variant`` or ``flips``, a
+            ``floor`` outside (0, 1], an explainer that returns the wrong shape, or a model
+            that does not return a (B, K) logits tensor.
 
     Example:
         >>> from metrics.attributions import vanilla_gradient
@@ -463,7 +554,95 @@ def relative_output_stability(
         >>> # a linear model's gradient map never changes, so the numerator (and ROS) is 0
         >>> bool((relative_output_stability(model, x, y, vanilla_gradient).nan_to_num(0.0) == 0).all())
         True
+        >>> v1 = relative_output_stability(model, x, y, vanilla_gradient, flips="nan")  # quantus semantics
     """
+    if not isinstance(flips, str) or flips not in ("exclude", "nan"):
+        raise ValueError(f"flips must be 'exclude' or 'nan', got {flips!r}")
+    _check_floor(floor)
+    max_label, generator = _check_ros_inputs(model, x, y, explainer, n_samples, variant, generator, maps, logits)
+    with EvalMode(model):
+        maps, logits = _clean_maps_and_logits(explainer, model, x, y, maps, logits, max_label)
+        r = _ros_samples(explainer, model, x, y, maps, logits, n_samples, variant, generator, max_label,
+                         (floor,), stop_on_flip=flips == "nan")[0]
+        return _ros_reduce(r, flips)
+
+
+def ros_variants(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    explainer: Explainer,
+    *,
+    n_samples: int = ROS_SAMPLES,
+    variant: Literal["paper", "agarwal"] = "paper",
+    generator: torch.Generator | None = None,
+    maps: Tensor | None = None,
+    logits: Tensor | None = None,
+    floor: float = ROS_FLOOR_FRACTION,
+) -> dict[str, Tensor]:
+    r"""Per-image ROS of protocol v2's headline and its variants from one set of samples (PROTOCOL §8.2, §8.5).
+
+    One pass over the same ``n_samples`` perturbations and attributions gives
+
+    - ``"exclude"``: the headline, ``relative_output_stability(..., flips="exclude")``;
+    - ``"nan"``: v1 (quantus semantics, ``log10_mean_ros``), ``flips="nan"``;
+    - ``"floor"``: ``flips="exclude"`` with the floored map-side denominator, ``floor=floor``
+      (the variant ``ros_floor``).
+
+    Each equals the separate :func:`relative_output_stability` call with a generator in the
+    same state: the same draws, the same arithmetic per image. Only ``"nan"`` can differ in the
+    last bits: the separate call attributes the images still alive at a sample as a smaller
+    batch, and a model's float results may depend on the batch it runs in.
+
+    Args:
+        model, x, y, explainer, n_samples, variant, generator, maps, logits: as
+            :func:`relative_output_stability`.
+        floor: the floor fraction of the ``"floor"`` entry, in (0, 1] (default: the protocol's).
+
+    Returns:
+        ``{"exclude": (B,), "nan": (B,), "floor": (B,)}``, each in the dtype of the maps.
+
+    Raises:
+        ValueError: as :func:`relative_output_stability`.
+
+    Example:
+        >>> from metrics.attributions import vanilla_gradient
+        >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(36, 2))
+        >>> x, y = torch.rand(3, 1, 6, 6, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 1, 0])
+        >>> {k: v.shape for k, v in ros_variants(model, x, y, vanilla_gradient).items()}
+        {'exclude': torch.Size([3]), 'nan': torch.Size([3]), 'floor': torch.Size([3])}
+    """
+    if floor is None:
+        raise ValueError("floor must be a number in (0, 1] for the 'floor' entry, got None")
+    _check_floor(floor)
+    max_label, generator = _check_ros_inputs(model, x, y, explainer, n_samples, variant, generator, maps, logits)
+    with EvalMode(model):
+        maps, logits = _clean_maps_and_logits(explainer, model, x, y, maps, logits, max_label)
+        plain, floored = _ros_samples(explainer, model, x, y, maps, logits, n_samples, variant, generator, max_label,
+                                      (None, floor), stop_on_flip=False)
+    return {"exclude": _ros_reduce(plain, "exclude"), "nan": _ros_reduce(plain, "nan"),
+            "floor": _ros_reduce(floored, "exclude")}
+
+
+def _check_floor(floor: object) -> None:
+    if floor is None:
+        return
+    if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not (0 < floor <= 1):
+        raise ValueError(f"floor must be None or a number in (0, 1] (a fraction of max|map|), got {floor!r}")
+
+
+def _check_ros_inputs(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    explainer: Explainer,
+    n_samples: int,
+    variant: str,
+    generator: torch.Generator | None,
+    maps: Tensor | None,
+    logits: Tensor | None,
+) -> tuple[int, torch.Generator]:
+    """The checks of :func:`relative_output_stability`; returns ``(max_label, generator)``."""
     check_model(model)
     _check_explainer(explainer)
     check_images(x)
@@ -483,16 +662,30 @@ def relative_output_stability(
             )
         check_finite(logits, "logits")
         check_logits(logits, x.shape[0], max_label)
-    generator = default_generator(generator, x.device)
-    with EvalMode(model):
-        if maps is None:
-            maps = _explain(explainer, model, x, y)
-        if logits is None:
-            logits = _logits(model, x, max_label)
-        return _ros(explainer, model, x, y, maps, logits, n_samples, variant, generator, max_label)
+    return max_label, default_generator(generator, x.device)
 
 
-def _ros(
+def _clean_maps_and_logits(
+    explainer: Explainer, model: nn.Module, x: Tensor, y: Tensor, maps: Tensor | None, logits: Tensor | None,
+    max_label: int,
+) -> tuple[Tensor, Tensor]:
+    if maps is None:
+        maps = _explain(explainer, model, x, y)
+    if logits is None:
+        logits = _logits(model, x, max_label)
+    return maps, logits
+
+
+def _map_denominator(e: Tensor, floor: float | None) -> Tensor:
+    """The element-wise denominator of the map change for clean maps ``e`` (B, N)."""
+    if floor is None:
+        return e + ROS_EPS * (e == 0)
+    magnitude = torch.maximum(e.abs(), floor * e.abs().amax(dim=1, keepdim=True))
+    magnitude = magnitude + ROS_EPS * (magnitude == 0)  # an all-zero map: the v1 guard
+    return torch.where(e < 0, -magnitude, magnitude)
+
+
+def _ros_samples(
     explainer: Explainer,
     model: nn.Module,
     x: Tensor,
@@ -503,16 +696,20 @@ def _ros(
     variant: str,
     generator: torch.Generator,
     max_label: int,
-) -> Tensor:
-    """The body of :func:`relative_output_stability` on checked inputs, model in eval mode."""
+    floors: tuple[float | None, ...],
+    stop_on_flip: bool,
+) -> list[Tensor]:
+    """The ratio of every sample and image, (S, B) per map-side denominator of ``floors`` (checked
+    inputs, model in eval mode); NaN where the sample flipped the prediction or, with
+    ``stop_on_flip``, where an earlier sample of the image flipped (not computed)."""
     e = maps.flatten(1)
-    e_safe = e + ROS_EPS * (e == 0)
+    e_safe = [_map_denominator(e, f) for f in floors]
     h = logits.detach().to(e.dtype)
     pred = h.argmax(dim=1)
     if variant == "agarwal":
         h_safe = h + ROS_EPS * (h == 0)
     batch = x.shape[0]
-    r = torch.full((n_samples, batch), math.nan, dtype=e.dtype, device=e.device)  # NaN: flipped or not needed
+    r = [torch.full((n_samples, batch), math.nan, dtype=e.dtype, device=e.device) for _ in floors]
     alive = torch.ones(batch, dtype=torch.bool, device=e.device)  # images whose ROS can still be finite
     for s in range(n_samples):
         # every sample draws the whole batch, so the draws do not depend on which images are alive
@@ -528,23 +725,51 @@ def _ros(
             explainer, model, x_p, y[idx.to(y.device)], max_label, lambda logits, p=pred_i: logits.argmax(dim=1) == p
         )
         kept = kept.to(e.device)
-        if variant == "paper":  # one flipped sample makes the image NaN: its other samples are not needed
+        if stop_on_flip:  # one flipped sample makes the image NaN: its other samples are not needed
             alive[idx[~kept]] = False
         if e_p is None:
             continue
         idx, e_p, h_p = idx[kept], e_p.to(e.device)[kept].flatten(1).to(e.dtype), h_p.to(e.device)[kept].to(e.dtype)
-        numerator = torch.linalg.vector_norm((e[idx] - e_p) / e_safe[idx], dim=1)
         if variant == "paper":
             denominator = torch.linalg.vector_norm(h[idx] - h_p, dim=1)
             denominator = denominator + ROS_EPS * (denominator == 0)
         else:
             denominator = torch.linalg.vector_norm((h[idx] - h_p) / h_safe[idx], dim=1).clamp(min=ROS_EPS)
-        r[s, idx] = numerator / denominator
+        change = e[idx] - e_p
+        for out, safe in zip(r, e_safe):
+            out[s, idx] = torch.linalg.vector_norm(change / safe[idx], dim=1) / denominator
+    return r
+
+
+def _ros_reduce(r: Tensor, flips: str) -> Tensor:
+    """Per-image ROS from the (S, B) sample ratios (NaN = flipped or not computed)."""
     nan = torch.isnan(r)
     best = torch.where(nan, torch.full_like(r, -math.inf), r).amax(dim=0)
-    if variant == "paper":
-        return torch.where(nan.any(dim=0), torch.full_like(best, math.nan), best)
-    return torch.where(nan.all(dim=0), torch.full_like(best, math.nan), best)
+    poisoned = nan.any(dim=0) if flips == "nan" else nan.all(dim=0)
+    return torch.where(poisoned, torch.full_like(best, math.nan), best)
+
+
+def median_log10_ros(ros: Tensor) -> tuple[float, float]:
+    r"""Protocol v2 headline of per-image ROS: ``(median over images of log10 ROS, fraction of NaN)``
+    (PROTOCOL §8.2). Unlike :func:`aggregate_ros` (log10 of the mean, which one near-zero map pixel
+    of one image can carry), the median moves little under float round-off.
+
+    Example:
+        >>> med, nan_fraction = median_log10_ros(torch.tensor([10.0, 1000.0, float("nan"), 1.0]))
+        >>> round(med, 4), nan_fraction  # median of (1, 3, 0)
+        (1.0, 0.25)
+    """
+    values = ros.detach().flatten().to(torch.float64).cpu()
+    if values.numel() == 0:
+        raise ValueError("median_log10_ros needs at least one per-image value, got an empty tensor")
+    nan = torch.isnan(values)
+    nan_fraction = float(nan.mean(dtype=torch.float64))
+    if bool(nan.all()):
+        return math.nan, nan_fraction
+    logs = torch.log10(values[~nan]).sort().values
+    k = logs.numel()
+    median = logs[k // 2] if k % 2 else (logs[k // 2 - 1] + logs[k // 2]) / 2  # numpy's median (torch's is the lower)
+    return float(median), nan_fraction
 
 
 def aggregate_ros(ros: Tensor) -> tuple[float, float]:

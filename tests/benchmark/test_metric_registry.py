@@ -21,7 +21,7 @@ from salbench.benchmark.scoring import ScoreConfig, resolve_config
 
 from .conftest import FAST
 
-COMMITTED = sorted((DEFAULT_LEADERBOARDS_DIR / "results").glob("*/*.json"))
+COMMITTED = sorted((DEFAULT_LEADERBOARDS_DIR / "results").glob("*/*.json"))  # protocol v2 (v1's are archived)
 
 
 @pytest.fixture
@@ -99,10 +99,18 @@ def test_registry_directions_and_compared_metrics_match_the_protocol():
     doc = json.loads(COMMITTED[0].read_text())
     pi = S.PerImage.from_result(doc, "VG")
     sig = pi.sigmas
-    assert S.compared_metrics(pi) == ["gini", "ssim_mean", *[f"ssim@{s}" for s in sig], "log10_ros", "aopc"]
-    assert S.aggregate_names(pi) == ["gini", "ssim_mean", *[f"ssim@{s}" for s in sig], "log10_ros",
-                                     "ros_nan_fraction", "aopc", "acc_on_set"]
+    assert S.compared_metrics(pi) == ["gini", "ssim_mean", "ssim_raw", *[f"ssim@{s}" for s in sig], "log10_ros",
+                                      "ros_floor", "log10_mean_ros", "aopc", "aopc_stable_ties"]
+    assert S.aggregate_names(pi) == ["gini", "ssim_mean", "ssim_raw", *[f"ssim@{s}" for s in sig], "log10_ros",
+                                     "ros_floor", "log10_mean_ros", "ros_nan_fraction", "log10_mean_ros_nan_fraction",
+                                     "aopc", "aopc_stable_ties", "road_tied_fraction", "acc_on_set"]
     assert [S.direction(k) for k in ("gini", "ssim_mean", "log10_ros", "ros_nan_fraction", "aopc")] == [1, 1, -1, None, 1]
+    # PROTOCOL §8.2, §8.5: four headline aggregates decide verdicts; each variant names its headline
+    roles = {a.name: (a.role, a.variant_of) for a in pi.aggregates()}
+    assert [n for n, (r, _) in roles.items() if r == "headline"] == ["gini", "ssim_mean", "log10_ros", "aopc"]
+    assert {n: v for n, (r, v) in roles.items() if r == "variant"} == {
+        "ssim_raw": "ssim_mean", "ros_floor": "log10_ros", "aopc_stable_ties": "aopc"}
+    assert roles["log10_mean_ros"][0] == "secondary"
 
 
 @pytest.mark.parametrize("path", COMMITTED, ids=lambda p: p.parent.name + "/" + p.name[:8])
@@ -151,9 +159,13 @@ def test_score_returns_a_result_whose_json_form_validates(env):
     assert isinstance(res, Result) and res.methods == ["VG"]
     again = Result.from_dict(json.loads(json.dumps(res.to_dict())))
     assert again.per_image == res.per_image and again.summary == res.summary
-    assert set(res.per_image["VG"]) == {"gini", "ssim", "ssim_kept", "ros", "road"}
-    assert list(res.summary["VG"]) == ["gini", "ssim", "ssim_kept_fraction", "ssim_mean", "log10_ros",
-                                       "ros_nan_fraction", "road_curve", "aopc"]
+    assert set(res.per_image["VG"]) == {"gini", "ssim", "ssim_kept", "ssim_raw", "ros", "ros_nan", "ros_floor", "road",
+                                        "road_stable", "road_tied"}
+    assert list(res.summary["VG"]) == ["gini", "ssim", "ssim_kept_fraction", "ssim_mean", "ssim_raw", "log10_ros",
+                                       "ros_nan_fraction", "ros_floor", "log10_mean_ros", "log10_mean_ros_nan_fraction",
+                                       "road_curve", "aopc", "aopc_stable_ties", "road_tied_fraction"]
+    assert res.versions["protocol"] == "v2" and {"cpu", "isa", "torch", "onednn", "native_kernels"} <= set(
+        res.versions["platform"])
     assert {"forward", "VG/attribution", "VG/gini", "VG/ssim", "VG/ros", "VG/road"} <= set(res.timings)
     copy.deepcopy(res)  # plain data: picklable/copyable for torch.distributed gathering
 

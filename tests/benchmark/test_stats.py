@@ -1,4 +1,4 @@
-"""Intervals, paired tests, verdicts and claims (PROTOCOL §7), against scipy and by hand."""
+"""Intervals, paired tests, verdicts and claims (PROTOCOL §7, §8), against scipy and by hand."""
 
 from __future__ import annotations
 
@@ -19,16 +19,22 @@ SIGMAS = ["0.01", "0.1"]
 LEVELS = ["1", "6", "11"]
 
 
-def _pi(n=200, seed=0, gini=None, ros=None, ssim=None, kept=None, road=None) -> S.PerImage:
+def _pi(n=200, seed=0, gini=None, ros=None, ssim=None, kept=None, road=None, ros_nan=None, ros_floor=None,
+        ssim_raw=None, road_stable=None) -> S.PerImage:
     rng = np.random.default_rng(seed)
     ssim = rng.random((2, n)) if ssim is None else np.asarray(ssim, float)
+    raw = rng.random((2, n)) if ssim_raw is None else np.asarray(ssim_raw, float)
     kept = np.ones((2, n), bool) if kept is None else np.asarray(kept, bool)
+    ros = 10 ** rng.normal(3, 0.5, n) if ros is None else np.asarray(ros, float)
+    road = (rng.random((n, 3)) < [0.9, 0.6, 0.3]).astype(float) if road is None else np.asarray(road, float)
     return S.PerImage(values={
         "gini": {"gini": rng.random(n) if gini is None else np.asarray(gini, float)},
-        "ssim": {"ssim": np.where(kept, ssim, 0.0), "kept": kept, "sigmas": SIGMAS},
-        "ros": {"ros": 10 ** rng.normal(3, 0.5, n) if ros is None else np.asarray(ros, float)},
-        "road": {"road": (rng.random((n, 3)) < [0.9, 0.6, 0.3]).astype(float) if road is None
-                 else np.asarray(road, float), "levels": LEVELS}}, correct=np.ones(n))
+        "ssim": {"ssim": np.where(kept, ssim, 0.0), "kept": kept, "raw": np.where(kept, raw, 0.0), "kept_raw": kept,
+                 "sigmas": SIGMAS},
+        "ros": {"ros": ros, "ros_nan": ros if ros_nan is None else np.asarray(ros_nan, float),
+                "ros_floor": ros / 10 if ros_floor is None else np.asarray(ros_floor, float)},
+        "road": {"road": road, "road_stable": road if road_stable is None else np.asarray(road_stable, float),
+                 "road_tied": rng.random(n), "levels": LEVELS}}, correct=np.ones(n))
 
 
 def test_estimates_are_the_protocol_aggregates():
@@ -38,8 +44,11 @@ def test_estimates_are_the_protocol_aggregates():
     assert ci["gini"][0] == pytest.approx(pi.gini.mean())
     assert ci["ssim@0.01"][0] == pytest.approx(pi.ssim[0, 1:].mean())  # kept images only
     assert ci["ssim_mean"][0] == pytest.approx((pi.ssim[0, 1:].mean() + pi.ssim[1].mean()) / 2)
-    assert ci["log10_ros"][0] == pytest.approx(math.log10(np.nanmean(pi.ros)))
+    assert ci["log10_ros"][0] == pytest.approx(np.nanmedian(np.log10(pi.ros)))  # v2: median of per-image log10
+    assert ci["log10_mean_ros"][0] == pytest.approx(math.log10(np.nanmean(pi.ros)))  # v1, secondary
+    assert ci["ros_floor"][0] == pytest.approx(np.nanmedian(np.log10(pi.ros / 10)))
     assert ci["ros_nan_fraction"][0] == pytest.approx(1 / 200)
+    assert ci["ssim_raw"][0] == pytest.approx((pi.values["ssim"]["raw"][0, 1:].mean() + pi.values["ssim"]["raw"][1].mean()) / 2)
     acc = pi.road.mean(0)
     assert ci["aopc"][0] == pytest.approx(((acc[0] - acc) / 4).sum())
     assert ci["road@6"][0] == pytest.approx(acc[1])
@@ -47,12 +56,13 @@ def test_estimates_are_the_protocol_aggregates():
         assert lo <= e <= hi, name
 
 
-@pytest.mark.parametrize("path", sorted((DEFAULT_LEADERBOARDS_DIR / "results" / "fmnist").glob("*.json"))[:1])
+@pytest.mark.parametrize("path", sorted((DEFAULT_LEADERBOARDS_DIR / "results" / "fmnist").glob("*-v2.json"))[:1])
 def test_estimates_equal_the_stored_summary(path: Path):
     r = json.loads(path.read_text())
     for method, s in r["summary"].items():
         ci = S.aggregate_ci(S.PerImage.from_result(r, method))
-        for k in ("gini", "ssim_mean", "log10_ros", "ros_nan_fraction", "aopc"):
+        for k in ("gini", "ssim_mean", "ssim_raw", "log10_ros", "ros_floor", "log10_mean_ros", "ros_nan_fraction",
+                  "aopc", "aopc_stable_ties", "road_tied_fraction"):
             assert ci[k][0] == pytest.approx(s[k], rel=1e-6, abs=1e-9), k
         assert ci["acc_on_set"][0] == pytest.approx(r["accuracy"]["on_set"], abs=1e-6)
 
@@ -71,6 +81,34 @@ def test_bootstrap_interval_covers_a_known_mean_about_95_percent(monkeypatch):
     assert 0.90 <= hits / sets <= 0.99, hits / sets
 
 
+def test_intervals_are_scipys_percentile_bootstrap_of_the_statistic():
+    """PROTOCOL §8.3: the percentile bootstrap (10 000 resamples, default_rng(0)), here for a mean and,
+    through the counts, for the median of per-image log10 ROS."""
+    pi = _pi(150, seed=4)
+    ci = S.aggregate_ci(pi, ["gini", "log10_ros"])
+    for name, values, stat in (("gini", pi.gini, np.mean), ("log10_ros", np.log10(pi.ros), np.median)):
+        ref = sps.bootstrap((values,), stat, n_resamples=10_000, method="percentile",
+                            random_state=np.random.default_rng(0), batch=2500)
+        assert ci[name][1] == pytest.approx(ref.confidence_interval.low, rel=1e-9), name
+        assert ci[name][2] == pytest.approx(ref.confidence_interval.high, rel=1e-9), name
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_weighted_median_is_numpys_median_of_the_resample(seed):
+    from salbench.benchmark.metric_registry import weighted_median
+
+    rng = np.random.default_rng(seed)
+    v = rng.normal(size=40)
+    v[rng.random(40) < 0.2] = np.nan
+    valid = rng.random(40) < 0.9
+    idx = rng.integers(0, 40, (25, 40))
+    counts = S._counts(idx, 40)
+    got = weighted_median(v, valid, counts)
+    for row, i in zip(got, idx):
+        pick = v[i][valid[i] & np.isfinite(v[i])]
+        assert row == pytest.approx(np.median(pick)) if pick.size else math.isnan(row)
+
+
 def test_interval_of_a_constant_statistic_is_the_point():
     pi = _pi(50, gini=np.full(50, 0.3))
     assert S.aggregate_ci(pi, ["gini", "acc_on_set"])["gini"] == pytest.approx((0.3, 0.3, 0.3))
@@ -86,7 +124,9 @@ def test_wilcoxon_p_is_scipys_on_the_paired_valid_images():
     ok = np.isfinite(ros_a) & np.isfinite(ros_b)
     assert rows["log10_ros"]["n_paired"] == 288
     assert rows["log10_ros"]["p"] == pytest.approx(sps.wilcoxon(np.log10(ros_a[ok]), np.log10(ros_b[ok])).pvalue)
-    assert rows["log10_ros"]["delta"] == pytest.approx(math.log10(ros_a[ok].mean()) - math.log10(ros_b[ok].mean()))
+    # v2: the median of per-image paired log10 differences; v1's difference of log10 means is secondary
+    assert rows["log10_ros"]["delta"] == pytest.approx(np.median(np.log10(ros_a[ok]) - np.log10(ros_b[ok])))
+    assert rows["log10_mean_ros"]["delta"] == pytest.approx(math.log10(ros_a[ok].mean()) - math.log10(ros_b[ok].mean()))
     assert rows["gini"]["p"] == pytest.approx(sps.wilcoxon(a.gini, b.gini).pvalue)
     assert rows["gini"]["delta"] == pytest.approx(a.gini.mean() - b.gini.mean())
     assert rows["aopc"]["p"] == pytest.approx(sps.wilcoxon(a.aopc_terms, b.aopc_terms).pvalue)
@@ -107,6 +147,41 @@ def test_verdict_follows_each_metrics_direction():
     assert same["gini"]["p"] == 1.0 and same["gini"]["delta"] == 0.0
 
 
+def test_holm_runs_over_the_headline_metrics_and_variants_take_their_headlines_place():
+    rng = np.random.default_rng(6)
+    ref = _pi(300, 1)
+    model = _pi(300, 1, gini=ref.gini + rng.normal(0.01, 0.05, 300), ros=ref.ros * 10 ** rng.normal(-0.05, 0.3, 300))
+    rows = {r["metric"]: r for r in S.compare(model, ref)}
+    head = [m for m, r in rows.items() if r["role"] == "headline"]
+    assert head == ["gini", "ssim_mean", "log10_ros", "aopc"]
+    adjusted = S.holm([rows[m]["p"] for m in head])
+    assert [rows[m]["p_holm"] for m in head] == pytest.approx(adjusted)
+    swapped = S.holm([rows["ros_floor"]["p"] if m == "log10_ros" else rows[m]["p"] for m in head])
+    assert rows["ros_floor"]["p_holm"] == pytest.approx(swapped[head.index("log10_ros")])
+    assert rows["ssim@0.1"]["role"] == "level" and rows["log10_mean_ros"]["role"] == "secondary"
+
+
+def test_a_verdict_is_robust_only_when_every_variant_agrees():
+    rng = np.random.default_rng(7)
+    ros = 10 ** rng.normal(3, 0.3, 400)
+    ref = _pi(400, 1, ros=ros)
+    better = _pi(400, 1, ros=ros / 3, ros_floor=ros / 30)  # headline and floor variant both improve
+    split = _pi(400, 1, ros=ros / 3, ros_floor=ros / 10 * 3)  # the floor variant gets worse
+    assert {r["metric"]: r for r in S.compare(better, ref)}["log10_ros"]["robustness"] == "robust"
+    rows = {r["metric"]: r for r in S.compare(split, ref)}
+    assert rows["log10_ros"]["verdict"] == "better" and rows["ros_floor"]["verdict"] == "worse"
+    assert rows["log10_ros"]["robustness"] == "variant-dependent"
+
+
+def test_a_difference_inside_the_numerical_band_decides_nothing():
+    rng = np.random.default_rng(8)
+    ros = 10 ** rng.normal(3, 0.3, 400)
+    ref, model = _pi(400, 1, ros=ros), _pi(400, 1, ros=ros / 3)  # delta = -log10(3) = -0.477
+    assert {r["metric"]: r for r in S.compare(model, ref)}["log10_ros"]["verdict"] == "better"
+    rows = {r["metric"]: r for r in S.compare(model, ref, bands={"log10_ros": 0.5})}
+    assert rows["log10_ros"]["band"] == 0.5 and rows["log10_ros"]["verdict"] == "no detectable difference"
+
+
 def test_verdict_needs_both_the_test_and_the_interval():
     assert S.verdict(0.1, 0.05, 0.2, 0.001, "gini", 100) == "better"
     assert S.verdict(0.1, -0.05, 0.2, 0.001, "gini", 100) == "no detectable difference"  # CI straddles 0
@@ -124,15 +199,18 @@ def test_holm_by_hand():
 
 def _result(mid, variant, preset="p", source="zoo", seed_shift=0.0, smoothing=None):
     pi = _pi(60, seed=sum(map(ord, mid)))
-    per = {"gini": list(pi.gini + seed_shift), "ros": list(pi.ros), "ssim": pi.ssim.tolist(),
-           "ssim_kept": pi.kept.astype(int).tolist(), "road": pi.road.tolist()}
+    per = {"gini": list(pi.gini + seed_shift), "ros": list(pi.ros), "ros_nan": list(pi.ros),
+           "ros_floor": list(pi.ros / 10), "ssim": pi.ssim.tolist(), "ssim_raw": pi.ssim.tolist(),
+           "ssim_kept": pi.kept.astype(int).tolist(), "road": pi.road.tolist(), "road_stable": pi.road.tolist(),
+           "road_tied": [0.0] * 60}
     summ = {"gini": float(np.mean(per["gini"])), "ssim": {s: 0.5 for s in SIGMAS},
-            "ssim_kept_fraction": {s: 1.0 for s in SIGMAS}, "ssim_mean": 0.5, "log10_ros": 3.0,
-            "ros_nan_fraction": 0.0, "road_curve": {p: 0.5 for p in LEVELS}, "aopc": 0.1}
+            "ssim_kept_fraction": {s: 1.0 for s in SIGMAS}, "ssim_mean": 0.5, "ssim_raw": 0.5, "log10_ros": 3.0,
+            "ros_nan_fraction": 0.0, "ros_floor": 2.0, "log10_mean_ros": 3.1, "log10_mean_ros_nan_fraction": 0.0,
+            "road_curve": {p: 0.5 for p in LEVELS}, "aopc": 0.1, "aopc_stable_ties": 0.1, "road_tied_fraction": 0.0}
     return {"model": {"id": mid, "variant": variant, "preset": preset, "source": source, "sha256": mid,
                       "smoothing": smoothing, "arch": "lenet"},
             "accuracy": {"on_set": 1.0, "natural": 0.8, "robust": 0.6}, "summary": {"VG": summ},
-            "per_image": {"correct": [1] * 60, "VG": per}, "imageset": {"n": 60}, "protocol": "v1"}
+            "per_image": {"correct": [1] * 60, "VG": per}, "imageset": {"n": 60}, "protocol": "v2"}
 
 
 def test_comparison_pairs_within_seed_and_for_submissions():
@@ -244,6 +322,7 @@ def test_claim_status_and_across_seeds():
     assert [C.status(better, row(v)) for v in ("better", "worse", "no detectable difference")] == \
         ["holds", "fails", "undecided"]
     notworse = C.Claim("k", "", "G", "A", "ssim_mean", "not worse")
+    assert C.recipe_spec(notworse) == ("noninferiority", 1, 0.01)
     assert C.status(notworse, row("no detectable difference")) == "holds"
     assert C.status(notworse, row("worse")) == "fails"
     margin = C.Claim("k", "", "G", "A", "aopc", "margin", margin=-0.02)
@@ -256,7 +335,7 @@ def test_claim_status_and_across_seeds():
 
 def test_discrete_aggregates_do_not_depend_on_the_summation_order():
     """AOPC, accuracy and NaN fraction take few distinct values, so many bootstrap resamples tie
-    with the estimate and BCa's bias term counts them: their sums must be exact (integer
+    with the estimate and the percentiles fall on ties: their sums must be exact (integer
     numerators), or another BLAS summation order (e.g. OMP_NUM_THREADS=1) shifts the interval."""
     pi = _pi(300, seed=9)
     c = S._Columns(pi)
@@ -264,5 +343,5 @@ def test_discrete_aggregates_do_not_depend_on_the_summation_order():
     counts = S._counts(rng.integers(0, 300, (50, 300)), 300)
     forward = counts @ c.matrix
     backward = (counts[:, ::-1] @ c.matrix[::-1]).copy()  # the same sums, added in the other order
-    names = ["aopc", "acc_on_set", "ros_nan_fraction", "road@6"]
+    names = ["aopc", "aopc_stable_ties", "acc_on_set", "ros_nan_fraction", "road@6"]
     assert np.array_equal(c.aggregates(forward, names), c.aggregates(backward, names))

@@ -1,4 +1,4 @@
-"""noisy_linear_imputation, road_curve, road_aopc (PROTOCOL §3 "ROAD-AOPC")."""
+"""noisy_linear_imputation, road_curve, road_curves, tied_fraction, road_aopc (PROTOCOL §3 "ROAD-AOPC", §8.1)."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from scipy.sparse import csr_matrix
 from scipy.sparse.linalg import spsolve
 from torch import nn
 
-from salbench.metrics import noisy_linear_imputation, road_aopc, road_curve
+from salbench.metrics import noisy_linear_imputation, road_aopc, road_curve, road_curves, tied_fraction
 from salbench.metrics import _imputation_solver
-from salbench.metrics.protocol import ROAD_PERCENTAGES
+from salbench.metrics.protocol import ROAD_PERCENTAGES, ROAD_TIE_SEED_OFFSET
 
 # ----------------------------------------------------------------- independent scipy reference
 
@@ -347,7 +347,7 @@ def test_road_curve_removes_the_top_k_pixels_with_stable_ties():
     percentages = (1, 5, 33, 99)
     spy = _Spy()
     y = torch.tensor([0, 1, 0])
-    curve = road_curve(spy, x, y, maps, percentages=percentages, noise=0.0, batch_size=2)
+    curve = road_curve(spy, x, y, maps, percentages=percentages, noise=0.0, batch_size=2, ties="stable")
     assert curve.shape == (3, 4) and curve.dtype == torch.bool
     seen = torch.cat(spy.seen).view(3, 4, 2, 10, 10)
     for j, p in enumerate(percentages):
@@ -366,6 +366,8 @@ def test_road_curve_removes_the_top_k_pixels_with_stable_ties():
 
 
 def test_road_curve_default_levels_and_noise_are_seeded_per_image(fmnist_test, vg_maps):
+    # v1's order (ties="stable") so that the masks can be rebuilt by _top_k_mask; the noise does not
+    # depend on the tie mode (test_random_ties_use_the_same_noise_draws_as_stable_ties)
     x, maps = fmnist_test[0][:5], vg_maps[:5]
     y = torch.zeros(5, dtype=torch.long)
     runs = {}
@@ -376,7 +378,7 @@ def test_road_curve_default_levels_and_noise_are_seeded_per_image(fmnist_test, v
         "seed1": {"generator": torch.Generator().manual_seed(1)},
     }.items():
         spy = _Spy()
-        road_curve(spy, x, y, maps, **kwargs)
+        road_curve(spy, x, y, maps, ties="stable", **kwargs)
         runs[name] = torch.cat(spy.seen)
     assert runs["default"].shape == (5 * len(ROAD_PERCENTAGES), 1, 28, 28)
     assert torch.equal(runs["default"], runs["seed0_chunk2"])  # None = seed 0, any chunking
@@ -417,6 +419,214 @@ def test_road_curve_is_the_same_with_the_native_solver(lenet, fmnist_test, vg_ma
     assert torch.equal(native, road_curve(lenet, x, y, maps))
 
 
+# ------------------------------------------------------------------- tie order (PROTOCOL §8.1)
+
+
+def test_tied_fraction_hand_cases():
+    maps = torch.tensor(
+        [
+            [[0.0, 0.0, 1.0], [2.0, 3.0, 4.0]],  # two tied zeros of six pixels
+            [[5.0, 5.0, 5.0], [5.0, 5.0, 5.0]],  # constant: every pixel tied
+            [[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]],  # distinct: none
+            [[-0.0, 0.0, 7.0], [7.0, 7.0, -1.0]],  # -0.0 == 0.0, and three 7s: five of six
+        ]
+    )
+    out = tied_fraction(maps)
+    assert out.dtype == torch.float64 and out.shape == (4,)
+    torch.testing.assert_close(out, torch.tensor([2 / 6, 1.0, 0.0, 5 / 6], dtype=torch.float64), rtol=0, atol=0)
+    assert float(tied_fraction(torch.ones(1, 1, 1))) == 0.0  # one pixel: no other pixel to share with
+    g = torch.Generator().manual_seed(0)
+    assert float(tied_fraction(torch.rand(3, 16, 16, generator=g, dtype=torch.float64)).max()) == 0.0
+    assert torch.equal(tied_fraction(torch.zeros(2, 5, 7)), torch.ones(2, dtype=torch.float64))
+
+
+def test_tied_fraction_matches_counting_on_real_maps(vg_maps, ig_maps):
+    # IG is exactly 0 wherever the image is 0 (FMNIST backgrounds): many ties; VG far fewer
+    for maps in (vg_maps[:20], ig_maps[:20]):
+        flat = maps.flatten(1)
+        by_count = torch.tensor(
+            [float(sum(int((row == v).sum()) > 1 for v in row)) / row.numel() for row in flat], dtype=torch.float64
+        )
+        torch.testing.assert_close(tied_fraction(maps), by_count, rtol=0, atol=0)
+    assert float(tied_fraction(ig_maps[:20]).mean()) > 0.2
+
+
+@pytest.mark.parametrize(
+    "maps, match",
+    [
+        (torch.zeros(2, 1, 4, 4), r"maps must have shape \(B, H, W\)"),
+        (torch.zeros(0, 4, 4), r"maps is empty"),
+        (torch.zeros(2, 4, 4, dtype=torch.long), r"floating-point.*int64"),
+        (torch.full((1, 4, 4), math.nan), r"maps contains non-finite"),
+    ],
+)
+def test_tied_fraction_bad_input(maps, match):
+    with pytest.raises(ValueError, match=match):
+        tied_fraction(maps)
+
+
+def _removed_by_spy(spy: _Spy, x: torch.Tensor, levels: int) -> torch.Tensor:
+    """(B, L, H, W) removed pixels, read off the images a noise-free ROAD run classified: a removed
+    pixel of these test images never keeps its exact value after imputation."""
+    seen = torch.cat(spy.seen).view(x.shape[0], levels, *x.shape[1:])
+    return (seen != x.unsqueeze(1)).any(dim=2)
+
+
+def _tied_case() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(11)
+    x = torch.rand(4, 1, 8, 8, generator=g, dtype=torch.float64) * 0.8 + 0.1
+    maps = torch.randint(0, 3, (4, 8, 8), generator=g).double()  # three values: many ties
+    maps[3] = torch.arange(64.0).view(8, 8)  # image 3 has no ties
+    y = torch.tensor([0, 1, 0, 1])
+    return x, y, maps
+
+
+def test_random_ties_replay_the_protocol_by_hand():
+    # PROTOCOL §8.1: per image, seed_i = the i-th of B draws of randint(0, 2^62) from the generator (the
+    # noise seeds); its permutation = randperm(H W) of a generator seeded seed_i + ROAD_TIE_SEED_OFFSET;
+    # pixels by decreasing value, equal values in the permutation's order
+    x, y, maps = _tied_case()
+    percentages = (10, 30, 50, 90)
+    spy = _Spy()
+    road_curve(spy, x, y, maps, percentages=percentages, noise=0.0, generator=torch.Generator().manual_seed(5))
+    got = _removed_by_spy(spy, x, len(percentages))
+    seeds = torch.randint(0, 2**62, (4,), generator=torch.Generator().manual_seed(5)).tolist()
+    for i, seed in enumerate(seeds):
+        perm = torch.randperm(64, generator=torch.Generator().manual_seed(seed + ROAD_TIE_SEED_OFFSET)).tolist()
+        position = {p: j for j, p in enumerate(perm)}
+        ranked = sorted(range(64), key=lambda q: (-float(maps[i].flatten()[q]), position[q]))
+        for j, p in enumerate(percentages):
+            expected = torch.zeros(64, dtype=torch.bool)
+            expected[ranked[: int(64 * p / 100)]] = True
+            assert torch.equal(got[i, j].flatten(), expected), (i, p)
+
+
+def test_random_ties_are_seeded_reproducible_and_differ_from_stable_only_on_ties():
+    x, y, maps = _tied_case()
+    percentages = (10, 30, 50, 90)
+    removed = {}
+    for name, kwargs in {
+        "random": {},
+        "random_again": {"batch_size": 1},
+        "random_seed1": {"generator": torch.Generator().manual_seed(1)},
+        "stable": {"ties": "stable"},
+    }.items():
+        spy = _Spy()
+        kwargs.setdefault("generator", torch.Generator().manual_seed(0))
+        road_curve(spy, x, y, maps, percentages=percentages, noise=0.0, **kwargs)
+        removed[name] = _removed_by_spy(spy, x, len(percentages))
+    assert torch.equal(removed["random"], removed["random_again"])  # seeded, and batch_size does not matter
+    assert not torch.equal(removed["random"][:3], removed["random_seed1"][:3])  # another seed, another order
+    assert not torch.equal(removed["random"][:3], removed["stable"][:3])  # tied maps: another order than v1's
+    for r in ("random", "random_seed1"):
+        assert torch.equal(removed[r][3], removed["stable"][3])  # the tie-free map: v1's order
+        # the order only breaks ties: every removed pixel is worth at least every kept one
+        for i in range(4):
+            for j in range(len(percentages)):
+                gone, kept = maps[i][removed[r][i, j]], maps[i][~removed[r][i, j]]
+                assert float(gone.min()) >= float(kept.max())
+                assert int(removed[r][i, j].sum()) == int(64 * percentages[j] / 100)
+
+
+def test_random_ties_equal_stable_ties_on_a_map_without_ties(lenet, fmnist_test):
+    x, y = fmnist_test[0][:8], fmnist_test[1][:8]
+    maps = torch.rand(8, 28, 28, generator=torch.Generator().manual_seed(2), dtype=torch.float64).float()
+    assert float(tied_fraction(maps).max()) == 0.0
+    a = road_curve(lenet, x, y, maps, generator=torch.Generator().manual_seed(3))
+    b = road_curve(lenet, x, y, maps, generator=torch.Generator().manual_seed(3), ties="stable")
+    assert torch.equal(a, b)
+
+
+def test_random_ties_use_the_same_noise_draws_as_stable_ties():
+    # the tie permutation comes from its own generator: the imputation noise of every image and level
+    # is the same draw in both modes (only the removed pixels differ)
+    x, y, maps = _tied_case()
+    percentages = (30, 60)
+    noise = 0.01
+    eps = {}
+    for ties in ("random", "stable"):
+        spy, clean_spy = _Spy(), _Spy()
+        road_curve(spy, x, y, maps, percentages=percentages, noise=noise, generator=torch.Generator().manual_seed(4),
+                   ties=ties)
+        road_curve(clean_spy, x, y, maps, percentages=percentages, noise=0.0,
+                   generator=torch.Generator().manual_seed(4), ties=ties)
+        mask = _removed_by_spy(clean_spy, x, len(percentages))
+        diff = (torch.cat(spy.seen) - torch.cat(clean_spy.seen)).view(4, len(percentages), 1, 8, 8) / noise
+        eps[ties] = (diff, mask)
+    (d_r, m_r), (d_s, m_s) = eps["random"], eps["stable"]
+    both = (m_r & m_s).unsqueeze(2)
+    assert int(both.sum()) > 50 and not torch.equal(m_r, m_s)
+    torch.testing.assert_close(d_r[both], d_s[both], rtol=0, atol=1e-9)  # float64: rounding of the division only
+
+
+class _CountingSpy(_Spy):
+    def __init__(self):
+        super().__init__()
+        self.images = 0
+
+    def forward(self, x):
+        self.images += x.shape[0]
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("which", ["vg", "ig"])
+def test_road_curves_equal_separate_road_curve_calls(which, lenet, fmnist_test, vg_maps, ig_maps):
+    # same generator seed, same platform, same solver and model: exact equality is the designed
+    # property (the pairs computed once are the same problems, with the same noise draw)
+    n = 12
+    x, y = fmnist_test[0][:n], fmnist_test[1][:n]
+    maps = (vg_maps if which == "vg" else ig_maps)[:n]
+    both = road_curves(lenet, x, y, maps, generator=torch.Generator().manual_seed(6), batch_size=5)
+    assert list(both) == ["random", "stable"]
+    for ties in ("random", "stable"):
+        alone = road_curve(lenet, x, y, maps, generator=torch.Generator().manual_seed(6), ties=ties)
+        assert both[ties].shape == (n, len(ROAD_PERCENTAGES)) and both[ties].dtype == torch.bool
+        assert torch.equal(both[ties], alone), ties
+    swapped = road_curves(lenet, x, y, maps, generator=torch.Generator().manual_seed(6), ties=("stable", "random"))
+    assert list(swapped) == ["stable", "random"]
+    assert all(torch.equal(swapped[k], both[k]) for k in both)
+    one = road_curves(lenet, x, y, maps, generator=torch.Generator().manual_seed(6), ties=("stable",))
+    assert list(one) == ["stable"] and torch.equal(one["stable"], both["stable"])
+
+
+def test_road_curves_compute_shared_pairs_once(fmnist_test, ig_maps):
+    # every (image, level) once, plus the pairs whose removed pixels differ between the two orders
+    x, maps = fmnist_test[0][:6], ig_maps[:6]
+    y = torch.zeros(6, dtype=torch.long)
+    levels = len(ROAD_PERCENTAGES)
+    masks = {}
+    for ties in ("random", "stable"):
+        spy = _Spy()
+        road_curve(spy, x, y, maps, noise=0.0, ties=ties)
+        masks[ties] = _removed_by_spy(spy, x, levels)
+    differ = int((masks["random"] != masks["stable"]).flatten(2).any(2).sum())
+    assert 0 < differ < 6 * levels  # IG ties: the high levels differ, the low ones do not
+    spy = _CountingSpy()
+    road_curves(spy, x, y, maps)
+    assert spy.images == 6 * levels + differ
+    spy = _CountingSpy()
+    distinct = torch.rand(6, 28, 28, generator=torch.Generator().manual_seed(0))
+    road_curves(spy, x, y, distinct)
+    assert spy.images == 6 * levels  # no ties: nothing is computed twice
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_road_curves_on_cuda_with_a_cuda_generator():
+    # the tie permutations are drawn on the generator's device; results stay on the inputs' device
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 3)).cuda()
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(5, 1, 8, 8, generator=g).cuda()
+    y = torch.tensor([0, 1, 2, 0, 1]).cuda()
+    maps = torch.randint(0, 3, (5, 8, 8), generator=g).float().cuda()
+    both = road_curves(model, x, y, maps, generator=torch.Generator(device="cuda").manual_seed(2))
+    for ties, curve in both.items():
+        assert curve.is_cuda and curve.dtype == torch.bool
+        alone = road_curve(model, x, y, maps, generator=torch.Generator(device="cuda").manual_seed(2), ties=ties)
+        assert torch.equal(curve, alone)
+    assert tied_fraction(maps).is_cuda
+
+
 def _quantus_road_accuracy(model, x, y, maps, noise: float) -> np.ndarray:
     quantus = pytest.importorskip("quantus")
     metric = quantus.ROAD(
@@ -444,7 +654,7 @@ def _aopc(acc: np.ndarray) -> float:
 def test_road_matches_quantus_without_noise(lenet, fmnist_test, vg_maps):
     x, y, maps = fmnist_test[0][:100], fmnist_test[1][:100], vg_maps[:100]
     ref = _quantus_road_accuracy(lenet, x, y, maps, noise=0.0)
-    curve = road_curve(lenet, x, y, maps, noise=0.0)
+    curve = road_curve(lenet, x, y, maps, noise=0.0, ties="stable")  # v1's order, as quantus
     acc = curve.double().mean(0).numpy()
     # same system, same order (VG ties are zeros at the end of the order): the same curve,
     # up to an image whose prediction sits on a knife edge
@@ -474,10 +684,18 @@ def test_road_curve_bad_input(lenet, fmnist_test, vg_maps):
         ((x, y, maps), {"noise": math.nan}, r"noise.*nan"),
         ((x, y, maps.clone().fill_(math.inf)), {}, r"maps contains non-finite"),
         ((x[:0], y[:0], maps[:0]), {}, r"x is empty"),
+        ((x, y, maps), {"ties": "sorted"}, r"ties must be one of \('random', 'stable'\), got 'sorted'"),
+        ((x, y, maps), {"ties": None}, r"ties must be one of.*None"),
     ]
     for args, kwargs, match in cases:
         with pytest.raises(ValueError, match=match):
             road_curve(lenet, *args, **kwargs)
+    for ties, match in [((), r"non-empty sequence"), ("random", r"non-empty sequence.*'random'"),
+                        (("random", "lexical"), r"ties must be one of.*'lexical'")]:
+        with pytest.raises(ValueError, match=match):
+            road_curves(lenet, x, y, maps, ties=ties)
+    with pytest.raises(ValueError, match=r"maps must have shape \(B, H, W\)"):
+        road_curves(lenet, x, y, maps[:2])
 
 
 # ---------------------------------------------------------------------------------- road_aopc

@@ -21,9 +21,12 @@ PUBLIC = {
     "SSIMUnderNoise",
     "ssim_under_noise",
     "relative_output_stability",
+    "ros_variants",
     "aggregate_ros",
     "noisy_linear_imputation",
     "road_curve",
+    "road_curves",
+    "tied_fraction",
     "road_aopc",
 }
 
@@ -32,7 +35,9 @@ def test_all_exports_exist():
     assert set(metrics.__all__) == PUBLIC
     for name in metrics.__all__:
         assert getattr(metrics, name) is not None
-    assert metrics.PROTOCOL_VERSION == protocol.PROTOCOL_VERSION == "v1"
+    # one version string, re-exported (its value is metrics/protocol.py's, bumped with PROTOCOL.md)
+    assert metrics.PROTOCOL_VERSION is protocol.PROTOCOL_VERSION
+    assert protocol.PROTOCOL_VERSION in ("v1", "v2")
 
 
 def test_public_functions_are_documented_with_shapes_raises_and_examples():

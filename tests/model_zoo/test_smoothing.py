@@ -190,7 +190,10 @@ def test_native_median_through_the_block_matches_the_torch_path(monkeypatch):
     (g_native,) = torch.autograd.grad(block(x), x, up)
     monkeypatch.setattr(native, "usable", lambda t: False)
     (g_torch,) = torch.autograd.grad(block(x), x, up)
-    assert torch.equal(g_native, g_torch)
+    # the fused C median block (_MedianMix: its own reflect-border fold and residual add) vs the torch
+    # median + pad backward: two paths, documented equal to float rounding, not bit for bit (PROTOCOL
+    # §8.7); the median's own value, routing and backward stay bit-identical (tested above). Grads are O(1).
+    torch.testing.assert_close(g_native, g_torch, rtol=1e-5, atol=1e-6)
 
 
 @needs_native
