@@ -370,8 +370,9 @@ def _print_verdicts(dataset: str, model_id: str) -> None:
         return
     print(f"verdicts vs the reference models (paired over the set, 95% CI of the difference; {path.name}):")
     for _, r in df.iterrows():
+        extra = f" ({r['robustness']})" if isinstance(r.get("robustness"), str) else ""
         print(f"  vs {r['reference']:<32s} {r['method']:3s} {r['metric']:<10s} {r['delta']:+.4f} "
-              f"[{r['delta_lo']:+.4f}, {r['delta_hi']:+.4f}]  p_holm {r['p_holm']:.2g}  {r['verdict']}")
+              f"[{r['delta_lo']:+.4f}, {r['delta_hi']:+.4f}]  p_holm {r['p_holm']:.2g}  {r['verdict']}{extra}")
 
 
 def _scoring_args(p) -> None:
@@ -593,20 +594,37 @@ def _strip_procs(argv: list[str]) -> list[str]:
     return out
 
 
+OVERSUBSCRIBE_ENV = "SALBENCH_ALLOW_OVERSUBSCRIBE"  # =1: --procs may exceed the cores available
+
+
+def _cores() -> int:
+    """Cores this process may run on: its CPU affinity where the OS has one, else the CPU count."""
+    import os
+
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def _launch(argv: list[str], procs: int, threads: int | None) -> int:
     """Run this command line on ``procs`` processes through torch's launcher (``torch.distributed.run``
     in standalone mode: a local rendezvous, one process per rank); each gets ``threads`` torch threads
-    (default: cores // procs, at least 1). The exit code is the failing rank's, else 0."""
+    (default: cores // procs, at least 1). The exit code is the failing rank's, else 0; the error
+    line says what the failed run had written to the leaderboards folder (``store.what_a_failed_run_left``)."""
     import os
 
     from torch.distributed import run as torchrun
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
+    from salbench.benchmark import store
+
     child = _strip_procs(argv)
     if threads is None:
-        threads = max(1, (os.cpu_count() or 1) // procs)
+        threads = max(1, _cores() // procs)
         child = ["--threads", str(threads), *child]
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    before = store.store_snapshot()
     try:
         torchrun.main(["--standalone", f"--nproc-per-node={procs}", "--max-restarts=0",
                        "-m", "salbench.benchmark.cli", *child])
@@ -614,7 +632,7 @@ def _launch(argv: list[str], procs: int, threads: int | None) -> int:
         codes = [f.exitcode for f in e.failures.values()]
         code = next((c for c in codes if c in (EXIT_BAD_INPUT, EXIT_INTERRUPTED)), None)
         print(f"salbench: error: {len(codes)} of {procs} processes failed (exit codes {codes}); "
-              "no result or leaderboard file was written by this run", file=sys.stderr)
+              f"{store.what_a_failed_run_left(before)}", file=sys.stderr)
         return code if code is not None else EXIT_FAIL
     return EXIT_OK
 
@@ -634,6 +652,12 @@ def main(argv: list[str] | None = None) -> int:
     elif procs > 1:
         if args.command not in DISTRIBUTED_COMMANDS:
             parser.error(f"--procs applies to {', '.join(DISTRIBUTED_COMMANDS)}, not {args.command}")
+        import os
+
+        cores = _cores()
+        if procs > cores and os.environ.get(OVERSUBSCRIBE_ENV) != "1":
+            parser.error(f"--procs {procs} is more than the {cores} core(s) this process may run on; use --procs "
+                         f"{cores} or fewer (or set {OVERSUBSCRIBE_ENV}=1 to start more processes than cores)")
         return _launch(argv, procs, args.threads)
     _threads(args.threads)
     if args.command in DISTRIBUTED_COMMANDS:

@@ -23,6 +23,7 @@ import pandas as pd
 
 from salbench.benchmark import claims as C
 from salbench.benchmark import recipe_stats as RS
+from salbench.benchmark.bands import band_of
 from salbench.benchmark import stats as S
 from salbench.benchmark.metric_registry import ROS_MAX_NAN_FRACTION, banded_aggregates, summary_metrics
 from salbench.benchmark.results import leaderboards_dir, list_results
@@ -188,14 +189,6 @@ def comparison_pairs(results: list[dict], reference_ids: dict[str, str] | None =
         if r["model"].get("source") != "zoo":
             pairs += [(r, ref) for ref in refs]
     return pairs
-
-
-def band_of(doc: dict, method: str, name: str) -> float:
-    """The stored numerical band of one aggregate of a result (NaN when it has none; PROTOCOL §8.4)."""
-    try:
-        return float(doc["band"]["band"][method][name])
-    except (KeyError, TypeError):
-        return float("nan")
 
 
 def _pair_bands(model: dict, ref: dict, method: str) -> dict[str, float]:
@@ -586,9 +579,11 @@ def write_leaderboard(dataset: str, *, results_root: Path | None = None, out_dir
     names = {"main": f"{dataset}.csv", "ssim": f"{dataset}_ssim.csv", "road": f"{dataset}_road.csv",
              "comparisons": f"{dataset}_comparisons.csv", "variants": f"{dataset}_variants.csv"}
     paths = {}
+    from salbench.benchmark.csv_safety import safe_frame  # no text cell starts a spreadsheet formula
+
     for key, df in tables.items():
         buf = io.StringIO()
-        df.to_csv(buf, index=False, float_format="%.6g")
+        safe_frame(df).to_csv(buf, index=False, float_format="%.6g")
         paths[key] = out / names[key]
         atomic_write_bytes(paths[key], buf.getvalue().encode())
     paths["pattern"] = out / f"{dataset}_pattern.md"

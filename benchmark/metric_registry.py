@@ -130,8 +130,11 @@ class Aggregate:
             raise ValueError(f"aggregate {self.name!r}: a {self.role} names the headline it belongs to (variant_of)")
 
     def from_summary(self, summary: dict) -> float:
+        """The stored point estimate (NaN where the summary does not hold this aggregate)."""
         v = summary
         for k in self.summary_key:
+            if not isinstance(v, dict) or k not in v:
+                return float("nan")
             v = v[k]
         return float("nan") if v is None else v
 

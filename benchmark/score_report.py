@@ -16,12 +16,16 @@ RANKED = (("gini", True), ("ssim_mean", True), ("log10_ros", False), ("aopc", Tr
 
 def ranks(board: pd.DataFrame, model_id: str) -> dict[str, dict[str, tuple[int, int]]]:
     """``{method: {metric: (rank, rows)}}`` of ``model_id`` among the board's rows of each method
-    (1 = best; a NaN value ranks last).
+    (1 = best; a NaN value ranks last). A row with more than 10% NaN ROS images (``ros_ranked``
+    false, PROTOCOL §8.2) is not ranked on ROS: it is left out of the ROS ranking, and its own ROS
+    rank is ``(0, rows ranked)``.
 
     >>> df = pd.DataFrame({"id": ["a", "b", "c"], "method": ["VG"] * 3, "gini": [0.5, 0.7, 0.6],
     ...                    "ssim_mean": [0.9, 0.8, 0.7], "log10_ros": [3.0, 2.0, float("nan")], "aopc": [0.1, 0.2, 0.3]})
     >>> ranks(df, "c")["VG"]
     {'gini': (2, 3), 'ssim_mean': (3, 3), 'log10_ros': (3, 3), 'aopc': (1, 3)}
+    >>> ranks(df.assign(ros_ranked=[True, False, True]), "b")["VG"]["log10_ros"]  # b: too many NaN images
+    (0, 2)
     """
     out: dict[str, dict[str, tuple[int, int]]] = {}
     for method, rows in board.groupby("method", sort=False):
@@ -31,8 +35,11 @@ def ranks(board: pd.DataFrame, model_id: str) -> dict[str, dict[str, tuple[int, 
         for metric, higher in RANKED:
             if metric not in rows.columns:
                 continue
-            order = rows.sort_values(metric, ascending=not higher, na_position="last", kind="stable")["id"].tolist()
-            out[method][metric] = (order.index(model_id) + 1, len(order))
+            pool = rows
+            if metric == "log10_ros" and "ros_ranked" in rows.columns:
+                pool = rows[rows["ros_ranked"].astype(str).str.lower().isin(("true", "1", "1.0"))]
+            order = pool.sort_values(metric, ascending=not higher, na_position="last", kind="stable")["id"].tolist()
+            out[method][metric] = ((order.index(model_id) + 1) if model_id in order else 0, len(order))
     return out
 
 
@@ -49,7 +56,8 @@ def report(dataset: str, card: dict, *, reused: bool, lb_dir: Path | None = None
     for method, per in ranks(board, card["id"]).items():
         n = next(iter(per.values()))[1] if per else 0
         say(f"  rank among the {n} {method} rows (1 = best): "
-            + ", ".join(f"{metric} {r}/{k}" for metric, (r, k) in per.items()))
+            + ", ".join(f"{metric} {r}/{k}" if r else f"{metric} not ranked (over 10% NaN images)"
+                        for metric, (r, k) in per.items()))
     say("result: " + ("a stored result of the same weights and settings was re-used (nothing was scored again)"
                       if reused else "scored now and stored"))
 

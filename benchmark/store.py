@@ -15,14 +15,20 @@ targets), a journal listing ``(staged, target)`` is written atomically, the stag
 renamed onto their targets, the board files are regenerated, and the journal is removed. A kill
 before the journal lands leaves the old state (plus staged debris the next command removes); a kill
 after it leaves a state the next command rolls forward (renames what is left, regenerates the
-boards, says so). Either way no half-stored submission survives the next command.
+boards, says so; a staged file that has gone missing is named, and the submission must be sent
+again). Either way no half-stored submission survives the next command.
+
+Every file is written with the mode of a normally created file (0666 less the umask), like the
+boards. :func:`store_snapshot` / :func:`what_a_failed_run_left` let the ``--procs`` launcher say
+what a run whose processes died had written.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-import tempfile
+import stat
 import time
 from pathlib import Path
 from typing import Callable
@@ -149,20 +155,32 @@ def recover(dataset: str, out_dir: Path | None = None, *, say: Callable[[str], N
     if j.is_file():
         try:
             journal = json.loads(j.read_bytes())
-            files = [(Path(a), Path(b)) for a, b in journal["files"]]
-        except (OSError, ValueError, KeyError, TypeError):
+            # [staged, target] (older journals) or [staged, target, sha256 of the staged bytes]
+            files = [(Path(f[0]), Path(f[1]), f[2] if len(f) > 2 else None) for f in journal["files"]]
+        except (OSError, ValueError, KeyError, TypeError, IndexError):
             journal, files = None, []
         if journal is not None:
-            for staged, target in files:
+            missing = []  # targets neither renamed now nor already holding the staged bytes
+            for staged, target, sha in files:
                 if staged.is_file():
                     os.replace(staged, target)
+                elif not target.is_file() or (sha and zoo.sha256_file(target) != sha):
+                    missing.append(target)
             from salbench.benchmark.leaderboard import write_leaderboard
 
             reg = journal.get("regenerate", {})
             write_leaderboard(dataset, results_root=Path(reg["results_root"]) if reg.get("results_root") else None,
                               out_dir=out_dir, images_sha256=reg.get("images_sha256"))
-            done.append(f"completed the interrupted submission of {journal.get('id', '?')} "
-                        f"(its card, weights, result and the {dataset} board files are in place)")
+            sid = journal.get("id", "?")
+            if missing:
+                names = ", ".join(p.name for p in missing)
+                done.append(f"could not complete the interrupted submission of {sid}: {len(missing)} of the "
+                            f"{len(files)} file(s) its journal lists were staged but are gone and not in place "
+                            f"({names}); the {dataset} board files were regenerated from what the store holds "
+                            f"and the journal removed; submit {sid} again to publish it completely")
+            else:
+                done.append(f"completed the interrupted submission of {sid} "
+                            f"(its card, weights, result and the {dataset} board files are in place)")
         else:
             done.append(f"removed an unreadable journal {j.name} (its transaction never started renaming)")
         j.unlink(missing_ok=True)
@@ -177,10 +195,54 @@ def recover(dataset: str, out_dir: Path | None = None, *, say: Callable[[str], N
     return done
 
 
+def store_snapshot(out_dir: Path | None = None) -> dict[str, tuple[int, int, int]]:
+    """``(inode, mtime_ns, size)`` of every file under the leaderboards folder (lock files left out):
+    an atomic replace gives a file a new inode, so any write since shows."""
+    out_dir = Path(out_dir or R.leaderboards_dir())
+    snap = {}
+    if out_dir.is_dir():
+        for p in out_dir.rglob("*"):
+            if p.name.endswith(".lock"):
+                continue
+            try:
+                st = p.stat()
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode):
+                snap[p.relative_to(out_dir).as_posix()] = (st.st_ino, st.st_mtime_ns, st.st_size)
+    return snap
+
+
+def what_a_failed_run_left(before: dict, out_dir: Path | None = None) -> str:
+    """What a run whose processes died left in the leaderboards folder, compared with ``before``
+    (:func:`store_snapshot` taken when it started): one clause for the launcher's error line."""
+    out_dir = Path(out_dir or R.leaderboards_dir())
+    now = store_snapshot(out_dir)
+    changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+    journals = sorted(k for k in now if k.endswith(".journal.json"))
+    if journals:
+        datasets = sorted({Path(k).name[1:-len(".journal.json")] for k in journals})
+        return (f"a process died inside the commit of a submission, so the store may hold a partly committed "
+                f"submission ({', '.join(journals)} in {out_dir}); the next salbench command that writes "
+                f"{' and '.join(datasets)} (e.g. `salbench leaderboard --dataset {datasets[0]}`) completes or rolls "
+                "it back and says which")
+    tmp = [k for k in changed if Path(k).name.endswith(".tmp") and k in now]
+    kept = [k for k in changed if k not in tmp]
+    if kept:
+        shown = ", ".join(kept[:3]) + (", ..." if len(kept) > 3 else "")
+        return (f"this run had written or replaced {len(kept)} file(s) in {out_dir} before it failed ({shown}); each "
+                "is complete (written atomically), and the next `salbench leaderboard` re-uses the stored results "
+                "and regenerates the boards")
+    if tmp:
+        return (f"no result or leaderboard file was written by this run ({len(tmp)} temporary file(s) of an "
+                "interrupted write are left; the next salbench command that writes the store removes them)")
+    return "no result or leaderboard file was written by this run"
+
+
 def _stage(target: Path, data: bytes) -> Path:
     """Write ``data`` next to ``target`` as a hidden temporary file, fsynced; return its path."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    fd, tmp = zoo.open_temp_file(target.parent, target.name)  # mode 0666 less the umask, as the boards
     with os.fdopen(fd, "wb") as f:
         f.write(data)
         f.flush()
@@ -209,7 +271,9 @@ def commit_submission(card: dict, payload: bytes, result: dict, *, images_sha256
     for target, data in targets:
         staged.append((_stage(target, data), target))
         _boundary(f"staged {target.name}")
-    journal = {"op": "submit", "id": card["id"], "files": [[str(a), str(b)] for a, b in staged],
+    digests = [hashlib.sha256(data).hexdigest() for _, data in targets]
+    journal = {"op": "submit", "id": card["id"],
+               "files": [[str(a), str(b), h] for (a, b), h in zip(staged, digests)],
                "regenerate": {"results_root": str(results_root) if results_root else None,
                               "images_sha256": images_sha256}}
     zoo.atomic_write_bytes(journal_path(dataset, out_dir), (json.dumps(journal, indent=1) + "\n").encode())

@@ -33,6 +33,7 @@ from salbench.model_zoo.data import IMAGE_SHAPE, NUM_CLASSES
 from salbench.model_zoo.exported import ARCH as EXPORTED_ARCH
 from salbench.model_zoo.exported import is_exported_program, load_exported
 
+from salbench.benchmark.csv_safety import FORMULA_PREFIXES, starts_formula
 from salbench.benchmark.results import StoredResultError, leaderboards_dir, read_result_file, result_path, warn
 
 
@@ -44,11 +45,38 @@ class SubmissionError(ValueError):
     """The submitted checkpoint failed validation; the message says what is wrong."""
 
 
+SLUG_MAX = 80  # characters of a name kept in the submission's id (and file names)
+
+
+def _full_slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name.strip()).strip("-.")
+
+
 def slug(name: str) -> str:
-    s = re.sub(r"[^A-Za-z0-9._-]+", "-", name.strip()).strip("-.")
+    s = _full_slug(name)
     if not s:
         raise SubmissionError(f"--name {name!r} has no usable characters; use letters, digits, '-', '_' or '.'")
-    return s[:80]
+    return s[:SLUG_MAX]
+
+
+def check_text_fields(name: str, notes: str = "") -> None:
+    """Refuse a ``--name`` or ``--notes`` that a spreadsheet opening the board CSV would run as a
+    formula (first character ``=``, ``+``, ``-``, ``@``, tab or carriage return; a plain number is
+    fine). The boards neutralise such cells anyway (``benchmark.csv_safety``); this says it early.
+
+    >>> check_text_fields("my-model", "trained 10 epochs")
+    >>> check_text_fields("=HYPERLINK(1)")
+    Traceback (most recent call last):
+    ...
+    salbench.benchmark.submit.SubmissionError: --name '=HYPERLINK(1)' starts with '=', ...
+    """
+    for opt, text in (("--name", name), ("--notes", notes)):
+        if text and starts_formula(text):
+            shown = repr(text if len(text) <= 60 else text[:57] + "...")
+            raise SubmissionError(f"{opt} {shown} starts with {text[0]!r}, which a spreadsheet opening the board CSV "
+                                  f"would run as a formula (refused first characters: "
+                                  f"{' '.join(repr(c) for c in FORMULA_PREFIXES)}); start it with a letter or a "
+                                  "digit (nothing was written)")
 
 
 def parse_smoothing(spec: str | None) -> dict | None:
@@ -229,7 +257,15 @@ def check_name(card: dict, submissions_dir: Path | None = None) -> None:
         old = _read_card(existing)
         if old is None or old.get("sha256") != card["sha256"]:
             held = f"another checkpoint ({str(old.get('sha256'))[:12]}...)" if old else "an unreadable card"
-            raise SubmissionError(f"the name {card.get('name', card['id'])!r} is already used by {held} "
+            name = card.get("name", card["id"])
+            if len(_full_slug(str(name))) > SLUG_MAX:
+                old_name = (old or {}).get("name")
+                other = f" (that entry's name: {old_name!r})" if old_name and old_name != name else ""
+                raise SubmissionError(
+                    f"the name {name!r} is cut to its first {SLUG_MAX} characters for the entry's id "
+                    f"{card['id']!r}, which is already used by {held}{other} ({existing}); choose a --name that "
+                    f"differs within its first {SLUG_MAX} characters (nothing was written)")
+            raise SubmissionError(f"the name {name!r} is already used by {held} "
                                   f"({existing}); choose another --name (nothing was written)")
 
 
@@ -245,6 +281,7 @@ def prepare_submission(path: str | Path, *, arch: str | None, dataset: str, name
 
     Raises ``SubmissionError`` when the name is taken by other weights, or the weights are already
     on the board under another id (see :func:`check_not_duplicate`)."""
+    check_text_fields(name, notes)
     if arch is None and not is_exported_program(path):
         raise SubmissionError(f"{Path(path).name}: --arch is required for weights (a registry name, see "
                               "`salbench zoo archs`); only an exported .pt2 program needs none")

@@ -558,8 +558,10 @@ def comparison_rows(results: list[dict]) -> list[dict]:
 def _write_csv(rows: list[dict], path: Path) -> None:
     import pandas as pd
 
+    from salbench.benchmark.csv_safety import safe_frame  # no text cell starts a spreadsheet formula
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    zoo.atomic_write_bytes(path, pd.DataFrame(rows).to_csv(index=False, float_format="%.6g").encode())
+    zoo.atomic_write_bytes(path, safe_frame(pd.DataFrame(rows)).to_csv(index=False, float_format="%.6g").encode())
 
 
 def figure_top(results: list[dict], data: TrackData, path: Path, n_images: int = 4, k: int = 3) -> None:

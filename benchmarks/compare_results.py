@@ -22,12 +22,16 @@ from salbench.benchmark import metric_registry, stats
 
 
 def rows(model: dict, reference: dict, methods: tuple[str, ...] = ("VG", "IG")) -> list[dict]:
-    """The board's paired comparison rows of the registered headline aggregates, per method."""
+    """The board's paired comparison rows of the registered headline aggregates, per method (with the
+    two results' numerical bands, as the board compares them)."""
+    from salbench.benchmark.leaderboard import _pair_bands
+
     headline = {a.name for _, a in metric_registry.headline_aggregates()}
     out = []
     for method in methods:
         for r in stats.compare(stats.PerImage.from_result(model, method),
-                               stats.PerImage.from_result(reference, method)):
+                               stats.PerImage.from_result(reference, method),
+                               bands=_pair_bands(model, reference, method)):
             if r["metric"] in headline:
                 out.append({"method": method, **r})
     return out

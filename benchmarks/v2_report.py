@@ -43,7 +43,8 @@ def band_section(dataset: str, results: list[dict]) -> list[str]:
     out = [f"### {dataset}: numerical bands", "",
            "Largest |change| of each aggregate when every weight moves one ulp up or the model runs in float64, "
            "same draws (PROTOCOL §8.4); `salbench verify <id>` re-scores a model and checks it against these.", "",
-           "| model | method | " + " | ".join(names) + " | re-scores |", "|---|---|" + "---|" * len(names) + "---|"]
+           "| model | method | " + " | ".join(names) + " | re-scores | band time / scoring time |",
+           "|---|---|" + "---|" * len(names) + "---|---|"]
     worst = {n: 0.0 for n in names}
     for r in sorted(results, key=lambda d: d["model"]["id"]):
         for m in r["summary"]:
@@ -52,9 +53,13 @@ def band_section(dataset: str, results: list[dict]) -> list[str]:
                 if math.isfinite(v):
                     worst[n] = max(worst[n], v)
             kinds = ", ".join((r.get("band") or {}).get("kinds", [])) or "none yet"
+            secs, total = (r.get("band") or {}).get("seconds"), r["timings"].get("metrics_total")
+            ratio = f"{secs / total:.2f}x ({secs:.0f} s / {total:.0f} s)" if secs and total else "n/a"
             out.append(f"| `{r['model']['id']}` | {m} | " + " | ".join("%.2g" % v if math.isfinite(v) else "n/a"
-                                                                    for v in vals) + f" | {kinds} |")
-    out += ["", "Largest band per aggregate: " + ", ".join(f"{n} {v:.2g}" for n, v in worst.items()) + ".", ""]
+                                                                    for v in vals) + f" | {kinds} | {ratio} |")
+    out += ["", "Times are wall-clock seconds on the machine that scored the row, which was shared with other work "
+            "(training runs), so ratios are indicative; the band's two re-scores skip the accuracies.", "",
+            "Largest band per aggregate: " + ", ".join(f"{n} {v:.2g}" for n, v in worst.items()) + ".", ""]
     if dataset == "fmnist":
         ros = [band_of(r, m, "log10_ros") for r in results for m in r["summary"]]
         ros = [v for v in ros if math.isfinite(v)]

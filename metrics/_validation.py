@@ -3,12 +3,15 @@
 Every public metric calls these first, so a bad input fails with a ``ValueError`` that names
 the argument, what was expected and what was received, before any work is done. The metrics
 that call a model run it inside :class:`EvalMode` and check its outputs with :func:`logits_of`
-(PROTOCOL §1: [0, 1] images in, (B, K) logits out).
+(PROTOCOL §1: [0, 1] images in, (B, K) logits out); an output that looks like softmax
+probabilities (:func:`looks_like_probabilities`) is refused where a metric needs logits (ROS) and
+warned about once per process where it is legal but usually a mistake (the gradient explainers).
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import warnings
+from typing import Callable, Literal
 
 import torch
 from torch import Tensor, nn
@@ -117,8 +120,77 @@ def check_model(model: object) -> None:
         raise ValueError(f"model must be a callable nn.Module, got {type(model).__name__}")
 
 
-def check_logits(out: object, batch: int, max_label: int | None = None, name: str = "y") -> Tensor:
-    """A model output must be a ``(batch, K)`` logits tensor with ``K > max_label``; returns it."""
+#: PROTOCOL §1: models return logits. A (B, K) output of B >= 2 rows and K >= 2 columns whose every row
+#: is non-negative and sums to 1 within this tolerance is taken for softmax probabilities.
+PROBABILITY_SUM_TOLERANCE = 1e-4
+
+#: What :func:`check_logits` does with an output that looks like probabilities.
+ProbabilityPolicy = Literal["allow", "warn", "refuse"]
+
+#: Whether :func:`warn_probabilities` has warned in this process (it warns once).
+_probabilities_warned = False
+
+
+def looks_like_probabilities(out: Tensor) -> bool:
+    """Whether a (B, K) model output looks like softmax probabilities rather than logits.
+
+    True when there are at least 2 rows and 2 columns and every row is non-negative and sums to 1
+    within :data:`PROBABILITY_SUM_TOLERANCE` (computed in float64). The logits of a trained (or
+    randomly initialised) classifier practically never do this for a whole batch.
+
+    Example:
+        >>> logits = torch.tensor([[2.0, -1.0, 0.5], [0.1, 0.3, -2.0]])
+        >>> looks_like_probabilities(logits), looks_like_probabilities(logits.softmax(dim=1))
+        (False, True)
+        >>> looks_like_probabilities(logits[:1].softmax(dim=1))  # one image: not enough evidence
+        False
+    """
+    if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[0] < 2 or out.shape[1] < 2:
+        return False
+    if not out.is_floating_point():
+        return False
+    o = out.detach().to(torch.float64)
+    return bool(((o.amin(dim=1) >= 0) & ((o.sum(dim=1) - 1).abs() <= PROBABILITY_SUM_TOLERANCE)).all())
+
+
+def refuse_probabilities(metric: str, name: str = "the model's outputs") -> None:
+    """Raise the one-line ``ValueError`` of a metric that needs logits and got probabilities."""
+    raise ValueError(
+        f"{metric} needs logits (PROTOCOL §3), but {name} look like softmax probabilities (every row "
+        f"non-negative and summing to 1); pass the logits: drop the model's final softmax"
+    )
+
+
+def warn_probabilities(explainer: str) -> None:
+    """Warn, once per process, that an explainer differentiates what look like probabilities."""
+    global _probabilities_warned
+    if _probabilities_warned:
+        return
+    _probabilities_warned = True
+    warnings.warn(
+        f"{explainer}: the model's outputs look like softmax probabilities (every row non-negative and "
+        f"summing to 1); gradients of probabilities are legal but usually a mistake: the protocol explains "
+        f"the logits (PROTOCOL §2), so drop the model's final softmax unless you mean it (warned once per process)",
+        UserWarning,
+        stacklevel=3,
+    )
+
+
+def check_logits(
+    out: object,
+    batch: int,
+    max_label: int | None = None,
+    name: str = "y",
+    *,
+    probabilities: ProbabilityPolicy = "allow",
+    metric: str = "",
+) -> Tensor:
+    """A model output must be a ``(batch, K)`` logits tensor with ``K > max_label``; returns it.
+
+    An output that :func:`looks_like_probabilities` is returned as it is with ``probabilities="allow"``,
+    refused with ``"refuse"`` (:func:`refuse_probabilities`, naming ``metric``) and warned about once
+    per process with ``"warn"`` (:func:`warn_probabilities`).
+    """
     if not isinstance(out, Tensor):
         raise ValueError(
             f"model must return a logits tensor of shape (B, K), got a {type(out).__name__}; wrap it in an "
@@ -134,14 +206,30 @@ def check_logits(out: object, batch: int, max_label: int | None = None, name: st
             f"{name} holds class {max_label} but the model returns {out.shape[1]} logits (classes 0 to "
             f"{out.shape[1] - 1}); check the labels or the model's number of classes"
         )
+    if probabilities == "refuse" and looks_like_probabilities(out):
+        refuse_probabilities(metric)
+    if probabilities == "warn" and not _probabilities_warned and looks_like_probabilities(out):
+        warn_probabilities(metric)
     return out
 
 
-def logits_of(model: Callable[[Tensor], object], max_label: int | None = None) -> Callable[[Tensor], Tensor]:
-    """``model`` as a function whose every output passes :func:`check_logits` (for captum and ROAD)."""
+def logits_of(
+    model: Callable[[Tensor], object],
+    max_label: int | None = None,
+    *,
+    probabilities: ProbabilityPolicy = "allow",
+    metric: str = "",
+) -> Callable[[Tensor], Tensor]:
+    """``model`` as a function whose every output passes :func:`check_logits` (for captum and ROAD).
+
+    ``probabilities`` and ``metric`` apply to the first call's output only (see :func:`check_logits`).
+    """
+    first = [True]
 
     def forward(inputs: Tensor) -> Tensor:
-        return check_logits(model(inputs), inputs.shape[0], max_label)
+        policy = probabilities if first[0] else "allow"
+        first[0] = False
+        return check_logits(model(inputs), inputs.shape[0], max_label, probabilities=policy, metric=metric)
 
     return forward
 

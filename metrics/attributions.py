@@ -102,6 +102,11 @@ def vanilla_gradient(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
             labels below the model's number of logits, or the model does not return a (B, K)
             logits tensor.
 
+    Warns:
+        UserWarning: once per process, when the model's outputs look like softmax probabilities
+            (B >= 2 rows, each non-negative and summing to 1): gradients of probabilities are
+            legal but usually a mistake (the protocol explains the logits); the maps are returned.
+
     Example:
         >>> model = nn.Sequential(nn.Flatten(), nn.Linear(4, 2, bias=False))
         >>> with torch.no_grad():
@@ -113,7 +118,7 @@ def vanilla_gradient(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
     max_label = _check_inputs(model, x, y)
     inputs = x.detach().clone().requires_grad_(True)
     with EvalMode(model):
-        saliency = Saliency(logits_of(model, max_label))
+        saliency = Saliency(logits_of(model, max_label, probabilities="warn", metric="vanilla_gradient"))
         saliency.gradient_func = summed_gradients
         attr = saliency.attribute(inputs, target=y, abs=True)
     return attr.detach().sum(dim=1)
@@ -175,6 +180,10 @@ def integrated_gradients(
         ValueError: on a malformed ``x`` / ``y`` (see :func:`vanilla_gradient`), or if
             ``n_steps`` or ``internal_batch_size`` is not a positive integer.
 
+    Warns:
+        UserWarning: as :func:`vanilla_gradient`, once per process, for outputs that look like
+            softmax probabilities.
+
     Example:
         >>> model = nn.Sequential(nn.Flatten(), nn.Linear(4, 2, bias=False))
         >>> with torch.no_grad():
@@ -195,7 +204,7 @@ def integrated_gradients(
     ):
         raise ValueError(f"internal_batch_size must be a positive integer or None, got {internal_batch_size!r}")
     inputs = x.detach()
-    ig = IntegratedGradients(logits_of(model, max_label))
+    ig = IntegratedGradients(logits_of(model, max_label, probabilities="warn", metric="integrated_gradients"))
     if internal_batch_size is None and x.device.type == "cpu":
         ig.gradient_func = _chunked_gradients(IG_CPU_CHUNK_ELEMENTS)
     else:

@@ -121,19 +121,38 @@ def noisy_linear_imputation(
 
 
 def _check_percentages(percentages: Sequence[float], n_pixels: int) -> list[int]:
+    """The pixel count of each removal level: percents in [1, 100), strictly increasing (PROTOCOL §3)."""
     percentages = list(percentages)
     if not percentages:
         raise ValueError("percentages is empty; pass at least one removal level")
+    default = "1, 6, ..., 96"
     counts = []
     for p in percentages:
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or not math.isfinite(p) or p < 0:
-            raise ValueError(f"every percentage must be a finite number >= 0, got {p!r}")
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not math.isfinite(p):
+            raise ValueError(f"every percentage must be a finite number in [1, 100), got {p!r}")
+        if not 1 <= p < 100:
+            if 0 < p < 1:
+                hint = f"it looks like a fraction: pass percents ({p!r} * 100 = {p * 100:.4g})"
+            elif p >= 100:
+                hint = f"{p!r}% removes all {n_pixels} pixels and the imputation needs at least one known pixel"
+            else:
+                hint = "pass removal levels of at least 1%"
+            raise ValueError(
+                f"every ROAD percentage must be a percent of the pixels in [1, 100) (PROTOCOL §3, default "
+                f"{default}), got {p!r}; {hint}"
+            )
         k = int(n_pixels * p / 100)
         if k >= n_pixels:
             raise ValueError(
                 f"percentage {p!r} removes all {n_pixels} pixels; the imputation needs at least one known pixel"
             )
         counts.append(k)
+    for a, b in zip(percentages, percentages[1:]):
+        if not a < b:
+            raise ValueError(
+                f"ROAD percentages must be strictly increasing (PROTOCOL §3, default {default}), got {a!r} "
+                f"then {b!r} in {tuple(percentages)!r}; sort them and drop repeats"
+            )
     return counts
 
 
@@ -175,7 +194,8 @@ def road_curve(
         x: images (B, C, H, W) in [0, 1].
         y: true labels (B,).
         maps: saliency maps (B, H, W), signed values are used as they are.
-        percentages: removal levels in percent, L of them (default: the protocol's 20).
+        percentages: removal levels in percent, each in [1, 100), strictly increasing, L of them
+            (default: the protocol's 20).
         noise: imputation noise standard deviation (default: the protocol's).
         generator: source of the noise and of the tie permutations; ``None`` uses a fresh
             generator on ``x``'s device seeded with 0.
@@ -190,8 +210,8 @@ def road_curve(
     Raises:
         ValueError: on a malformed ``x``, ``y`` or ``maps`` (wrong rank, batch-size mismatch,
             NaN/inf, empty batch, channels-last or outside [0, 1] images, a negative label or
-            one beyond the logits), an empty or out-of-range ``percentages`` (a level that
-            removes every pixel), a negative ``noise``, a non-positive ``batch_size``, an
+            one beyond the logits), an empty ``percentages``, one outside [1, 100) (fractions
+            such as 0.1 for 10%) or not strictly increasing, a negative ``noise``, a non-positive ``batch_size``, an
             unknown ``ties``, or a model that does not return a (B, K) logits tensor.
 
     Example:
@@ -393,7 +413,7 @@ def road_aopc(curve: Tensor) -> float:
         the AOPC, a Python float.
 
     Raises:
-        ValueError: if ``curve`` is not a non-empty (B, L) tensor of bools or finite numbers.
+        ValueError: if ``curve`` is not a non-empty (B, L) tensor of bools or of the numbers 0 and 1.
 
     Example:
         >>> curve = torch.tensor([[True, True, False], [True, False, False]])
@@ -405,5 +425,12 @@ def road_aopc(curve: Tensor) -> float:
     values = curve.to(torch.float64)
     if not bool(torch.isfinite(values).all()):
         raise ValueError(f"curve contains NaN or inf (shape {tuple(curve.shape)})")
+    bad = (values != 0) & (values != 1)
+    if bool(bad.any()):
+        first = tuple(int(i) for i in bad.nonzero()[0])
+        raise ValueError(
+            f"curve must hold correctness (bool, or the numbers 0 and 1), got {float(values[first]):.4g} at index "
+            f"{first}; pass road_curve's output (B, L), not accuracies or percentages"
+        )
     acc = values.mean(dim=0)
     return float((acc[0] - acc).sum() / (acc.numel() + 1))

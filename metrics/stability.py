@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from salbench.metrics._native import F64, I64, P, NativeLibrary
 from salbench.metrics._validation import (
     EvalMode,
+    ProbabilityPolicy,
     check_finite,
     check_floating,
     check_images,
@@ -32,8 +33,10 @@ from salbench.metrics._validation import (
     check_rank,
     check_targets,
     default_generator,
+    looks_like_probabilities,
     rand_like,
     randn_like,
+    refuse_probabilities,
 )
 from salbench.metrics.attributions import Explainer
 from salbench.metrics.protocol import (
@@ -282,9 +285,10 @@ def _explain(explainer: Explainer, model: nn.Module, x: Tensor, y: Tensor) -> Te
     return maps.detach()
 
 
-def _logits(model: nn.Module, x: Tensor, max_label: int) -> Tensor:
+def _logits(model: nn.Module, x: Tensor, max_label: int, probabilities: ProbabilityPolicy = "allow",
+            metric: str = "") -> Tensor:
     with torch.no_grad():
-        return check_logits(model(x), x.shape[0], max_label)
+        return check_logits(model(x), x.shape[0], max_label, probabilities=probabilities, metric=metric)
 
 
 class _NotAtInput(Exception):
@@ -292,7 +296,8 @@ class _NotAtInput(Exception):
 
 
 def _explain_kept(
-    explainer: Explainer, model: nn.Module, x: Tensor, y: Tensor, max_label: int, keep: Callable[[Tensor], Tensor]
+    explainer: Explainer, model: nn.Module, x: Tensor, y: Tensor, max_label: int, keep: Callable[[Tensor], Tensor],
+    probabilities: ProbabilityPolicy = "allow", metric: str = "",
 ) -> tuple[Tensor | None, Tensor, Tensor]:
     """``(maps, logits, kept)``: ``logits = model(x)``, ``kept = keep(logits)`` (B,) bool, and
     ``maps = explainer(model, x, y)`` on the kept images (B, H, W), NaN on the others (``None`` when
@@ -311,6 +316,7 @@ def _explain_kept(
 
     The maps of kept images are the explainer's maps of those images; an explainer whose maps
     of an image depend on the other images of its batch would see a smaller batch in the second case.
+    ``probabilities`` and ``metric`` apply to the logits (:func:`check_logits`).
     """
     state = {"first": True, "aborted": False}
     captured: list[Tensor] = []
@@ -339,10 +345,11 @@ def _explain_kept(
                 handle.remove()
         # An explainer that swallowed the probe's exception returned maps of an interrupted run: drop them.
         if maps is not None and not state["aborted"]:
-            logits = check_logits(captured[0], x.shape[0], max_label) if captured else _logits(model, x, max_label)
+            logits = (check_logits(captured[0], x.shape[0], max_label, probabilities=probabilities, metric=metric)
+                      if captured else _logits(model, x, max_label, probabilities, metric))
             kept = keep(logits)
             return maps.masked_fill(~kept[:, None, None], math.nan), logits, kept
-    logits = _logits(model, x, max_label)
+    logits = _logits(model, x, max_label, probabilities, metric)
     kept = keep(logits)
     n_kept = int(kept.sum())
     if n_kept == 0:
@@ -393,7 +400,7 @@ def ssim_under_noise(
         x: images (B, C, H, W) in [0, 1].
         y: true labels (B,), the attribution target.
         explainer: ``explainer(model, x, y) -> (B, H, W)``, e.g. :func:`vanilla_gradient`.
-        sigmas: noise standard deviations in [0, 1] pixel space, S of them.
+        sigmas: noise standard deviations in [0, 1] pixel space, each in (0, 1], S of them.
         generator: source of every noise draw. ``None`` uses a fresh generator on ``x``'s device
             seeded with 0. Draws are made on the generator's device.
         maps: ``explainer(model, x, y)`` if already computed (B, H, W), to avoid recomputing it.
@@ -408,7 +415,7 @@ def ssim_under_noise(
     Raises:
         ValueError: on a malformed ``x``, ``y`` or ``maps`` (wrong rank, batch-size mismatch,
             NaN/inf, empty batch, channels-last or outside [0, 1] images, a label beyond the
-            logits), a negative or non-finite σ, an empty ``sigmas``, a ``normalize`` or
+            logits), a σ outside (0, 1] (e.g. 25 in 0-255 units), an empty ``sigmas``, a ``normalize`` or
             ``with_raw`` that is not a bool, an explainer that returns the wrong shape, or a
             model that does not return a (B, K) logits tensor.
 
@@ -434,8 +441,7 @@ def ssim_under_noise(
     if not sigmas:
         raise ValueError("sigmas is empty; pass at least one noise level")
     for sigma in sigmas:
-        if not (isinstance(sigma, (int, float)) and math.isfinite(sigma) and sigma >= 0):
-            raise ValueError(f"every sigma must be a finite number >= 0, got {sigma!r}")
+        _check_sigma(sigma)
     for name, flag in (("normalize", normalize), ("with_raw", with_raw)):
         if not isinstance(flag, bool):
             raise ValueError(f"{name} must be True or False, got {flag!r}")
@@ -464,6 +470,23 @@ def ssim_under_noise(
         else:
             scores = raw
     return SSIMUnderNoise(scores, kept, raw if with_raw else None)
+
+
+def _check_sigma(sigma: object) -> None:
+    """One noise level of :func:`ssim_under_noise`: a number in (0, 1], [0, 1] pixel units (PROTOCOL §3)."""
+    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not math.isfinite(sigma):
+        raise ValueError(f"every sigma must be a finite number in (0, 1], got {sigma!r}")
+    if not 0 < sigma <= 1:
+        if sigma <= 0:
+            hint = "pass a positive noise level"
+        elif sigma <= 255:
+            hint = f"it looks like 0-255 units: divide by 255 ({sigma!r} / 255 = {sigma / 255:.4g})"
+        else:
+            hint = "pass a standard deviation of at most 1"
+        raise ValueError(
+            f"every sigma must be a noise standard deviation in (0, 1] for [0, 1] images (PROTOCOL §3, "
+            f"default {', '.join(map(str, SSIM_SIGMAS))}), got {sigma!r}; {hint}"
+        )
 
 
 def _scale_free(maps: Tensor) -> tuple[Tensor, Tensor]:
@@ -542,8 +565,10 @@ def relative_output_stability(
         ValueError: on a malformed ``x``, ``y``, ``maps`` or ``logits`` (wrong rank, batch-size
             mismatch, NaN/inf, empty batch, channels-last or outside [0, 1] images, a label
             beyond the logits), ``n_samples < 1``, an unknown ``variant`` or ``flips``, a
-            ``floor`` outside (0, 1], an explainer that returns the wrong shape, or a model
-            that does not return a (B, K) logits tensor.
+            ``floor`` outside (0, 1], an explainer that returns the wrong shape, a model
+            that does not return a (B, K) logits tensor, or model outputs (or given ``logits``)
+            that look like softmax probabilities: B >= 2 rows, each non-negative and summing to
+            1 (ROS needs logits).
 
     Example:
         >>> from metrics.attributions import vanilla_gradient
@@ -559,11 +584,13 @@ def relative_output_stability(
     if not isinstance(flips, str) or flips not in ("exclude", "nan"):
         raise ValueError(f"flips must be 'exclude' or 'nan', got {flips!r}")
     _check_floor(floor)
-    max_label, generator = _check_ros_inputs(model, x, y, explainer, n_samples, variant, generator, maps, logits)
+    metric = "relative_output_stability"
+    max_label, generator = _check_ros_inputs(model, x, y, explainer, n_samples, variant, generator, maps, logits,
+                                             metric)
     with EvalMode(model):
-        maps, logits = _clean_maps_and_logits(explainer, model, x, y, maps, logits, max_label)
+        maps, logits = _clean_maps_and_logits(explainer, model, x, y, maps, logits, max_label, metric)
         r = _ros_samples(explainer, model, x, y, maps, logits, n_samples, variant, generator, max_label,
-                         (floor,), stop_on_flip=flips == "nan")[0]
+                         (floor,), stop_on_flip=flips == "nan", metric=metric)[0]
         return _ros_reduce(r, flips)
 
 
@@ -615,11 +642,13 @@ def ros_variants(
     if floor is None:
         raise ValueError("floor must be a number in (0, 1] for the 'floor' entry, got None")
     _check_floor(floor)
-    max_label, generator = _check_ros_inputs(model, x, y, explainer, n_samples, variant, generator, maps, logits)
+    metric = "ros_variants"
+    max_label, generator = _check_ros_inputs(model, x, y, explainer, n_samples, variant, generator, maps, logits,
+                                             metric)
     with EvalMode(model):
-        maps, logits = _clean_maps_and_logits(explainer, model, x, y, maps, logits, max_label)
+        maps, logits = _clean_maps_and_logits(explainer, model, x, y, maps, logits, max_label, metric)
         plain, floored = _ros_samples(explainer, model, x, y, maps, logits, n_samples, variant, generator, max_label,
-                                      (None, floor), stop_on_flip=False)
+                                      (None, floor), stop_on_flip=False, metric=metric)
     return {"exclude": _ros_reduce(plain, "exclude"), "nan": _ros_reduce(plain, "nan"),
             "floor": _ros_reduce(floored, "exclude")}
 
@@ -641,8 +670,11 @@ def _check_ros_inputs(
     generator: torch.Generator | None,
     maps: Tensor | None,
     logits: Tensor | None,
+    metric: str,
 ) -> tuple[int, torch.Generator]:
-    """The checks of :func:`relative_output_stability`; returns ``(max_label, generator)``."""
+    """The checks of :func:`relative_output_stability`; returns ``(max_label, generator)``.
+
+    Given ``logits`` that look like softmax probabilities are refused (ROS needs logits, PROTOCOL §3)."""
     check_model(model)
     _check_explainer(explainer)
     check_images(x)
@@ -662,17 +694,21 @@ def _check_ros_inputs(
             )
         check_finite(logits, "logits")
         check_logits(logits, x.shape[0], max_label)
+        if looks_like_probabilities(logits):
+            refuse_probabilities(metric, "the given logits")
     return max_label, default_generator(generator, x.device)
 
 
 def _clean_maps_and_logits(
     explainer: Explainer, model: nn.Module, x: Tensor, y: Tensor, maps: Tensor | None, logits: Tensor | None,
-    max_label: int,
+    max_label: int, metric: str,
 ) -> tuple[Tensor, Tensor]:
+    """The clean logits (first, so that a model returning probabilities is refused before any
+    attribution) and maps of ROS."""
+    if logits is None:
+        logits = _logits(model, x, max_label, "refuse", metric)
     if maps is None:
         maps = _explain(explainer, model, x, y)
-    if logits is None:
-        logits = _logits(model, x, max_label)
     return maps, logits
 
 
@@ -698,6 +734,7 @@ def _ros_samples(
     max_label: int,
     floors: tuple[float | None, ...],
     stop_on_flip: bool,
+    metric: str,
 ) -> list[Tensor]:
     """The ratio of every sample and image, (S, B) per map-side denominator of ``floors`` (checked
     inputs, model in eval mode); NaN where the sample flipped the prediction or, with
@@ -721,8 +758,10 @@ def _ros_samples(
         if idx.numel() < batch:
             x_p = x_p[idx.to(x.device)]
         pred_i = pred[idx].to(x.device)
+        # the perturbed logits are checked too (``logits`` may have been given): ROS needs logits
         e_p, h_p, kept = _explain_kept(
-            explainer, model, x_p, y[idx.to(y.device)], max_label, lambda logits, p=pred_i: logits.argmax(dim=1) == p
+            explainer, model, x_p, y[idx.to(y.device)], max_label, lambda logits, p=pred_i: logits.argmax(dim=1) == p,
+            "refuse", metric,
         )
         kept = kept.to(e.device)
         if stop_on_flip:  # one flipped sample makes the image NaN: its other samples are not needed
@@ -753,6 +792,17 @@ def median_log10_ros(ros: Tensor) -> tuple[float, float]:
     r"""Protocol v2 headline of per-image ROS: ``(median over images of log10 ROS, fraction of NaN)``
     (PROTOCOL §8.2). Unlike :func:`aggregate_ros` (log10 of the mean, which one near-zero map pixel
     of one image can carry), the median moves little under float round-off.
+
+    Args:
+        ros: per-image ROS (B,), as returned by :func:`relative_output_stability` (any shape is
+            flattened).
+
+    Returns:
+        ``(median of log10 ROS over the non-NaN images, NaN fraction)``; the median is NaN when
+        every image is NaN (numpy's median: the mean of the two middle values for an even count).
+
+    Raises:
+        ValueError: if ``ros`` is empty.
 
     Example:
         >>> med, nan_fraction = median_log10_ros(torch.tensor([10.0, 1000.0, float("nan"), 1.0]))

@@ -15,6 +15,7 @@ import math
 import os
 import subprocess
 import tempfile
+import threading
 import warnings
 from pathlib import Path
 
@@ -65,11 +66,53 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+_UMASK_LOCK = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process's umask, read without a window in which it is changed where Linux says it
+    (``/proc/self/status``), else set and restored under a lock."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _UMASK_LOCK:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+def new_file_mode() -> int:
+    """The mode ``open(path, "w")`` gives a new file: ``0o666`` less the umask (0644 under umask 022).
+
+    ``tempfile.mkstemp`` creates 0600 files; everything written through it here is given this mode,
+    so weights, cards, results and journals can be read like the boards (e.g. by a static host)."""
+    return 0o666 & ~current_umask()
+
+
+def open_temp_file(folder: str | os.PathLike, name: str) -> tuple[int, str]:
+    """``tempfile.mkstemp`` next to ``name`` in ``folder`` (hidden ``.name.*.tmp``), with the mode of a
+    normally created file (:func:`new_file_mode`) instead of 0600."""
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
+    try:
+        mode = new_file_mode()
+        os.fchmod(fd, mode) if hasattr(os, "fchmod") else os.chmod(tmp, mode)
+    except BaseException:
+        os.close(fd)
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return fd, tmp
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same folder and ``os.replace``."""
+    """Write ``data`` to ``path`` via a temporary file in the same folder and ``os.replace``; the file
+    gets the mode of a normally created one (0666 less the umask)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = open_temp_file(path.parent, path.name)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

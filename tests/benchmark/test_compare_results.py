@@ -21,7 +21,10 @@ def _module():
 
 
 def _result(model_id):
-    return load_result("fmnist", zoo.get_card(model_id)["sha256"])
+    doc = load_result("fmnist", zoo.get_card(model_id)["sha256"])
+    if doc is None:
+        pytest.skip(f"no stored protocol-v2 result of {model_id} yet (`salbench leaderboard --dataset fmnist`)")
+    return doc
 
 
 def test_rows_equal_the_boards_comparisons():

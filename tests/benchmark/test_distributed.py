@@ -90,7 +90,8 @@ def test_procs_flag_launches_two_ranks_and_rank0_writes_once(env, tmp_path):
 
     mid = env["refs"]["A"]
     vars_ = {**os.environ, "SALBENCH_ZOO_DIR": str(env["zoo"]), "SALBENCH_IMAGESETS_DIR": str(env["sets"]),
-             "SALBENCH_LEADERBOARDS_DIR": str(env["lb"])}
+             "SALBENCH_LEADERBOARDS_DIR": str(env["lb"]),
+             "SALBENCH_ALLOW_OVERSUBSCRIBE": "1"}  # 2 processes also on a 1-core machine
     args = ["--procs", "2", "--threads", "1", "leaderboard", "--dataset", "fmnist", "--only", mid,
             "--methods", "VG", "--batch-size", "15", "--quiet"]
     p = _run_cli(args, vars_)
@@ -152,7 +153,8 @@ def test_a_killed_rank_fails_the_run_and_nothing_is_written(env):
     import time
 
     vars_ = {**os.environ, "SALBENCH_ZOO_DIR": str(env["zoo"]), "SALBENCH_IMAGESETS_DIR": str(env["sets"]),
-             "SALBENCH_LEADERBOARDS_DIR": str(env["lb"])}
+             "SALBENCH_LEADERBOARDS_DIR": str(env["lb"]),
+             "SALBENCH_ALLOW_OVERSUBSCRIBE": "1"}  # 2 processes also on a 1-core machine
     p = subprocess.Popen([sys.executable, "-m", "salbench.benchmark.cli", "--procs", "2", "--threads", "1",
                           "leaderboard", "--dataset", "fmnist", "--batch-size", "15", "--quiet"],
                          cwd=REPO, env=vars_, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -13,6 +13,7 @@ from salbench.benchmark import harness, scoring
 from salbench.benchmark import results as R
 from salbench.benchmark.imagesets import IMAGESETS_DIR
 from salbench.benchmark.scoring import ScoreConfig
+from salbench.metrics.protocol import PROTOCOL_VERSION
 
 from .conftest import FAST
 
@@ -148,7 +149,7 @@ def test_result_scored_on_another_device_type_is_rescored(env, monkeypatch, caps
     assert "device_type: cuda -> cpu" in out, out
     doc = json.loads(path.read_text())
     assert doc["config"]["device"] == "cpu" and doc["identity"] == R.result_identity(
-        sha256=doc["model"]["sha256"], protocol="v1", images_sha256=env["imageset"].images_sha256,
+        sha256=doc["model"]["sha256"], protocol=PROTOCOL_VERSION, images_sha256=env["imageset"].images_sha256,
         n_images=len(env["imageset"]), config=scoring.resolve_config(CHEAP, "fmnist").to_dict())
 
 
@@ -157,7 +158,7 @@ def test_saved_result_carries_its_identity(env):
                       only=[env["refs"]["N"]])
     (path,) = (env["lb"] / "results" / "fmnist").glob("*.json")
     doc = json.loads(path.read_text())
-    want = R.result_identity(sha256=doc["model"]["sha256"], protocol="v1", images_sha256=env["imageset"].images_sha256,
+    want = R.result_identity(sha256=doc["model"]["sha256"], protocol=PROTOCOL_VERSION, images_sha256=env["imageset"].images_sha256,
                              n_images=len(env["imageset"]), config=scoring.resolve_config(CHEAP, "fmnist").to_dict())
     assert doc["identity"] == want
     doc.pop("identity")

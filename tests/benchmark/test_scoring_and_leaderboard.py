@@ -56,7 +56,7 @@ def _fake_result(mid, variant, gini, source="zoo"):
     return {"model": {"id": mid, "variant": variant, "preset": "p", "arch": "lenet", "source": source,
                       "sha256": mid * 4},
             "accuracy": {"on_set": 1.0, "natural": 0.9, "robust": 0.5}, "summary": {"VG": summary, "IG": summary},
-            "imageset": {"n": 1000}, "protocol": "v1"}
+            "imageset": {"n": 1000}, "protocol": "v2"}
 
 
 def test_leaderboard_tables_pure():

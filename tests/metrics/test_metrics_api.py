@@ -23,6 +23,7 @@ PUBLIC = {
     "relative_output_stability",
     "ros_variants",
     "aggregate_ros",
+    "median_log10_ros",
     "noisy_linear_imputation",
     "road_curve",
     "road_curves",

@@ -66,12 +66,12 @@ RUNNERS = {
     "relative_output_stability": lambda m, x, y: relative_output_stability(
         m, x, y, vanilla_gradient, n_samples=2, generator=_g()
     ),
-    "road_curve": lambda m, x, y: road_curve(m, x, y, _maps(x), percentages=(0, 10, 50), generator=_g()),
+    "road_curve": lambda m, x, y: road_curve(m, x, y, _maps(x), percentages=(1, 10, 50), generator=_g()),
     "ssim_under_noise_with_raw": lambda m, x, y: ssim_under_noise(
         m, x, y, vanilla_gradient, sigmas=(0.05, 0.2), generator=_g(), normalize=False, with_raw=True
     ),
     "ros_variants": lambda m, x, y: ros_variants(m, x, y, vanilla_gradient, n_samples=2, generator=_g()),
-    "road_curves": lambda m, x, y: road_curves(m, x, y, _maps(x).round(decimals=1), percentages=(0, 10, 50),
+    "road_curves": lambda m, x, y: road_curves(m, x, y, _maps(x).round(decimals=1), percentages=(1, 10, 50),
                                                generator=_g()),
 }
 
