@@ -638,11 +638,11 @@ def _launch(argv: list[str], procs: int, threads: int | None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from salbench.benchmark import distributed as D
-
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = parser.parse_args(argv)
+    args = parser.parse_args(argv)  # --help and usage errors exit here, before torch is imported
+    from salbench.benchmark import distributed as D
+
     procs = getattr(args, "procs", 1) or 1
     if procs < 1:
         parser.error(f"--procs must be >= 1, got {procs}")

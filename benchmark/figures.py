@@ -97,8 +97,16 @@ def _curves(df: pd.DataFrame, x: str, y: str, title: str, xlabel: str, ylabel: s
     return _save(fig, path)
 
 
+def _board(path: Path) -> pd.DataFrame:
+    """A board CSV; a clear error when it has no rows yet (a dataset not scored under this protocol)."""
+    if not path.is_file() or not path.read_text().strip():
+        raise ValueError(f"{path.name} has no rows yet: score the zoo first (`salbench leaderboard --dataset "
+                         f"{path.name.split('.')[0].split('_')[0]}`)")
+    return pd.read_csv(path)
+
+
 def ssim_figure(dataset: str, out_dir: Path | None = None, lb_dir: Path | None = None) -> Path:
-    df = pd.read_csv((lb_dir or leaderboards_dir()) / f"{dataset}_ssim.csv")
+    df = _board((lb_dir or leaderboards_dir()) / f"{dataset}_ssim.csv")
     return _curves(df, "sigma", "ssim", f"{dataset}: SSIM of maps under input noise (higher = more stable)",
                    "noise σ (pixel space [0, 1])", "mean SSIM over kept images",
                    (out_dir or fig_dir()) / f"{dataset}_ssim.png", kept=True,
@@ -109,7 +117,7 @@ def ssim_figure(dataset: str, out_dir: Path | None = None, lb_dir: Path | None =
 
 def road_figure(dataset: str, out_dir: Path | None = None, lb_dir: Path | None = None) -> Path:
     lb = lb_dir or leaderboards_dir()
-    df = pd.read_csv(lb / f"{dataset}_road.csv")
+    df = _board(lb / f"{dataset}_road.csv")
     labels = {}
     main = lb / f"{dataset}.csv"
     if main.is_file():
@@ -133,7 +141,7 @@ def metrics_figure(dataset: str, out_dir: Path | None = None, lb_dir: Path | Non
     """One panel per headline aggregate of the metric registry (``metric_registry.headline_aggregates``:
     Gini, SSIM mean, log10 ROS, AOPC and any registered metric), one bar per model and method with its
     95% bootstrap interval, read from ``<dataset>.csv``."""
-    df = pd.read_csv((lb_dir or leaderboards_dir()) / f"{dataset}.csv")
+    df = _board((lb_dir or leaderboards_dir()) / f"{dataset}.csv")
     aggs = metric_panels(df)
     methods = list(dict.fromkeys(df["method"]))
     ids = list(dict.fromkeys(df["id"]))

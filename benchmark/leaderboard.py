@@ -271,6 +271,9 @@ def pattern_markdown(dataset: str, results: list[dict], comparisons: pd.DataFram
              "reports log of the mean ROS, so its ROS differences (divided by ln 10, §6) compare with "
              "`log10_mean_ros`, not with this headline. `paper` is the paper's model - reference difference.",
              ""]
+    if not results:
+        return "\n".join(lines + [f"No protocol v2 results yet: `salbench leaderboard --dataset {dataset}` scores the zoo "
+                                  "(the protocol v1 boards are archived in `leaderboards/archive/v1/`).", ""])
     if comparisons.empty:
         return "\n".join(lines + ["No comparable models yet.", ""])
     cmp_idx = comparisons.set_index(["model", "reference", "method", "metric"])

@@ -345,3 +345,46 @@ def test_discrete_aggregates_do_not_depend_on_the_summation_order():
     backward = (counts[:, ::-1] @ c.matrix[::-1]).copy()  # the same sums, added in the other order
     names = ["aopc", "aopc_stable_ties", "acc_on_set", "ros_nan_fraction", "road@6"]
     assert np.array_equal(c.aggregates(forward, names), c.aggregates(backward, names))
+
+
+def test_recipe_claims_use_the_training_seed_as_the_unit():
+    """PROTOCOL §8.6: per claim and method, d_s is the seed-s checkpoint effect; the recipe test is a
+    t test over the seeds (benchmark.recipe_stats), Holm over the preset's family."""
+    from salbench.benchmark import recipe_stats as RS
+    from salbench.benchmark.leaderboard import (CENTRAL_HEADING, PREREGISTERED, comparisons_table, pattern_markdown,
+                                                recipe_tests, zoo_groups)
+
+    rs = []
+    for s in range(3):
+        suffix = f"-s{s}" if s else ""
+        for v, shift in (("N", 0.0), ("A", 0.1), ("G", 0.1 + 0.03 * (s + 1))):
+            r = _result(f"fmnist-lenet-{v}-paper-10ep{suffix}", v, "paper-10ep", seed_shift=shift)
+            r["model"]["dataset"] = "fmnist"
+            rs.append(r)
+    table = comparisons_table(rs)
+    cmp_idx = table.set_index(["model", "reference", "method", "metric"])
+    arms = {}
+    for (preset, seed), group in zoo_groups(rs).items():
+        for arm, r in group.items():
+            arms[(arm, seed)] = r["model"]["id"]
+    rows = recipe_tests("fmnist", arms, cmp_idx, "paper-10ep")
+    gini = next(t for c, m, s, t in rows if c.key == "gini_G_A")
+    want = [float(cmp_idx.loc[(arms[("G", s)], arms[("A", s)], "VG", "gini"), "delta"]) for s in range(3)]
+    assert gini.k == 3 and list(gini.deltas) == pytest.approx(want)
+    ref = RS.seed_test(want, kind="noninferiority", side=1, delta_min=0.02)
+    assert gini.p == pytest.approx(ref.p) and gini.lower == pytest.approx(ref.lower)
+    family = RS.adjust_family([t for *_, t in rows])
+    assert [t.p_holm for *_, t in rows] == pytest.approx([t.p_holm for t in family], nan_ok=True)
+    md = pattern_markdown("fmnist", rs, table, variants_table(leaderboard_tables(rs, stats=False)["main"]))
+    section = md.split("## Recipe claims: preset `paper-10ep`")[1].split("\n## ")[0]
+    assert "| G keeps A's sparsity (Gini G >= A - 0.02) | VG | non-inferiority | 0.02 | 3 |" in section
+    assert f"seeds 0, 1, 2 of the pre-registered {len(PREREGISTERED[('fmnist', 'paper-10ep')])}" in section
+    central = md.split(CENTRAL_HEADING)[1].split("\n## ")[0]
+    assert "| Does G keep A's sparsity (Gini within 0.02)? | VG |" in central
+
+
+def test_the_sites_central_heading_is_the_pattern_files():
+    from salbench.benchmark import leaderboard as L
+    from salbench.benchmark import site as W
+
+    assert W.CENTRAL_HEADING == L.CENTRAL_HEADING
