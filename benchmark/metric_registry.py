@@ -57,18 +57,33 @@ def weighted_median(values: np.ndarray, valid: np.ndarray, counts: np.ndarray) -
     """
     values = np.asarray(values, dtype=np.float64)
     valid = np.asarray(valid, dtype=bool) & np.isfinite(values)
-    v = values[valid]
-    order = np.argsort(v, kind="stable")
-    v = v[order]
-    c = np.asarray(counts, dtype=np.float64)[..., valid][..., order]
+    sel = np.flatnonzero(valid)
+    sel = sel[np.argsort(values[sel], kind="stable")]
+    v = values[sel]
+    c = np.asarray(counts)[..., sel]
+    if c.ndim == 1:  # one set of counts: the same computation on a batch of one
+        return weighted_median(values, valid, np.asarray(counts)[None])[0]
     if v.size == 0:
         return np.full(c.shape[:-1], np.nan)
-    cum = np.cumsum(c, axis=-1)
-    total = cum[..., -1]
+    # a resample's median sits near the middle of the sorted values: count through a window around it
+    # (a sum for the part below, a cumulative sum inside), and through every value only for the rare
+    # resample whose middle falls outside the window
+    m = v.size
+    w = int(8 * math.sqrt(m)) + 16
+    lo_w, hi_w = max(0, m // 2 - w), min(m, m // 2 + w)
+    below = c[..., :lo_w].sum(-1)
+    cum = np.cumsum(c[..., lo_w:hi_w], axis=-1) + below[..., None]
+    total = cum[..., -1] + c[..., hi_w:].sum(-1)
     lo_pos = np.floor((total - 1) / 2)
     hi_pos = np.floor(total / 2)
-    i_lo = np.minimum((cum <= lo_pos[..., None]).sum(-1), v.size - 1)
-    i_hi = np.minimum((cum <= hi_pos[..., None]).sum(-1), v.size - 1)
+    i_lo = lo_w + (cum <= lo_pos[..., None]).sum(-1)
+    i_hi = lo_w + (cum <= hi_pos[..., None]).sum(-1)
+    outside = (below > lo_pos) | (cum[..., -1] <= hi_pos)
+    if outside.any():
+        full = np.cumsum(c[outside], axis=-1)
+        i_lo[outside] = (full <= lo_pos[outside][:, None]).sum(-1)
+        i_hi[outside] = (full <= hi_pos[outside][:, None]).sum(-1)
+    i_lo, i_hi = np.minimum(i_lo, m - 1), np.minimum(i_hi, m - 1)
     return np.where(total > 0, (v[i_lo] + v[i_hi]) / 2, np.nan)
 
 Values = dict[str, np.ndarray]  # one metric's decoded per-image values (images on the last axis or first, per metric)

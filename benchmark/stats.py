@@ -177,11 +177,12 @@ class _Columns:
 
 
 def _counts(idx: np.ndarray, n: int) -> np.ndarray:
-    """Resampled indices (..., m) -> counts per image (..., n)."""
+    """Resampled indices (..., m) -> counts per image (..., n), int32 (exact; half the memory traffic of
+    float64 in the weighted medians, and a matrix product with float columns costs the same)."""
     flat = idx.reshape(-1, idx.shape[-1])
     rows = flat.shape[0]
     offsets = (np.arange(rows)[:, None] * n + flat).ravel()
-    counts = np.bincount(offsets, minlength=rows * n).reshape(rows, n).astype(np.float64)
+    counts = np.bincount(offsets, minlength=rows * n).reshape(rows, n).astype(np.int32)
     return counts.reshape(*idx.shape[:-1], n)
 
 

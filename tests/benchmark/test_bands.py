@@ -87,3 +87,21 @@ def test_a_result_without_a_band_fails_every_check():
     c = B.Check("VG", "gini", 0.5, 0.5, float("nan"))
     assert not c.ok and c.difference == 0.0
     assert json.dumps(B.Check("VG", "gini", 0.5, 0.6, 0.2).ok) == "true"
+
+
+def test_a_submission_gets_its_one_ulp_and_float64_band(env, tmp_path):
+    from dataclasses import replace
+
+    from safetensors.torch import save_file
+
+    from salbench.model_zoo.architectures import build
+
+    torch.manual_seed(3)
+    f = tmp_path / "mine.safetensors"
+    save_file(build("lenet").state_dict(), str(f))
+    cheap = replace(FAST, methods=("VG",), accuracy=False)
+    card, res = harness.submit(f, arch="lenet", dataset="fmnist", name="banded", config=cheap, progress=False,
+                               imageset=env["imageset"], test_split=env["test"])
+    assert res["band"]["kinds"] == ["ulp", "float64"]  # a registry architecture can be cast
+    stored = [d for d in list_results("fmnist") if d["model"]["id"] == card["id"]]
+    assert stored and stored[0]["band"]["band"]["VG"].keys() == set(B.banded_names())
