@@ -23,7 +23,7 @@ What is evaluated, per FMNIST zoo model of the dataset's default preset (N, A, G
   class, ``numpy.random.default_rng(SUBSET_SEED)``, indices stored in every result) and the
   first ``n_test`` images of the committed FMNIST image set (PROTOCOL §4). Explanation target =
   the true label, as for the saliency maps (PROTOCOL §2).
-* intervals: 95% BCa bootstrap over the test images with the boards' own routine
+* intervals: 95% percentile bootstrap (PROTOCOL §8.3) over the test images with the boards' own routine
   (``stats._bootstrap``, 10 000 resamples, seed 0) for the per-test-image means
   (class detection, randomization); for the cardinality, which is not a per-image mean, a
   centred half-sampling interval (:func:`half_sample_ci`).
@@ -263,7 +263,7 @@ def half_sample_ci(n: int, statistic, *, n_half: int = HALF_SAMPLES, seed: int =
 
 
 def mean_ci(values: np.ndarray, seed: int = 0) -> tuple[float, float, float]:
-    """(mean, lo, hi): the boards' 95% BCa bootstrap over test images of a per-image mean
+    """(mean, lo, hi): the boards' 95% percentile bootstrap over test images of a per-image mean
     (``benchmark.stats._bootstrap``, 10 000 resamples). NaN values (a constant attribution row
     has no Spearman correlation) are left out."""
     from salbench.benchmark import stats
@@ -280,7 +280,7 @@ def mean_ci(values: np.ndarray, seed: int = 0) -> tuple[float, float, float]:
 
 def paired_delta(a: np.ndarray, b: np.ndarray, seed: int = 0) -> dict:
     """Paired comparison of two per-image columns on the same test images: mean(a - b) with its
-    BCa bootstrap interval and the Wilcoxon p (``stats.wilcoxon_p``), on images finite in both."""
+    percentile bootstrap interval and the Wilcoxon p (``stats.wilcoxon_p``), on images finite in both."""
     from salbench.benchmark import stats
 
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
@@ -523,7 +523,7 @@ def board_rows(results: list[dict]) -> list[dict]:
 def comparison_rows(results: list[dict]) -> list[dict]:
     """Paired comparisons on the same test images, per explainer and metric: A vs N and G vs A
     (seed-0 models, and each seed replica against the same seed's reference where both exist).
-    Per-image metrics: paired BCa interval + Wilcoxon, Holm-adjusted within (pair, explainer);
+    Per-image metrics: paired percentile interval + Wilcoxon, Holm-adjusted within (pair, explainer);
     cardinality: joint half-sampling interval of the difference, no per-image test."""
     from salbench.benchmark import stats
 

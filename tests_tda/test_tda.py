@@ -120,7 +120,7 @@ def test_mean_ci_and_paired_delta_against_scipy():
     a, b = rng.random(200), rng.random(200)
     est, lo, hi = tda.mean_ci(a)
     assert est == pytest.approx(a.mean()) and lo < est < hi
-    ref = sps.bootstrap((a,), np.mean, n_resamples=10_000, method="BCa", random_state=np.random.default_rng(0))
+    ref = sps.bootstrap((a,), np.mean, n_resamples=10_000, method="percentile", random_state=np.random.default_rng(0))
     assert lo == pytest.approx(ref.confidence_interval.low, abs=0.01)
     assert hi == pytest.approx(ref.confidence_interval.high, abs=0.01)
     b[:3] = np.nan  # left out of the pairs
