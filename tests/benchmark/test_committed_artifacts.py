@@ -15,6 +15,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from salbench.metrics.protocol import PROTOCOL_VERSION
+
 from salbench.benchmark.harness import zoo_cards
 from salbench.benchmark.imagesets import IMAGESETS_DIR, load_imageset
 from salbench.benchmark.leaderboard import leaderboard_tables, write_leaderboard
@@ -55,6 +57,13 @@ def test_committed_leaderboard_is_regenerated_from_results(path: Path):
     dataset = path.stem
     set_sha = json.loads((IMAGESETS_DIR / f"{dataset}.json").read_text())["images_sha256"]
     results = list_results(dataset, images_sha256=set_sha)
+    if not results:  # a dataset awaiting its re-score under a new protocol: allowed only when the README says so
+        readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+        name = {"cifar10": "CIFAR-10", "fmnist": "FMNIST"}.get(dataset, dataset)
+        assert f"{name} has not been re-scored under protocol {PROTOCOL_VERSION} yet" in readme, (
+            f"{path.name} has no rows and the README does not say why")
+        assert not path.read_text().strip(), f"{path.name} has rows but no stored {PROTOCOL_VERSION} result"
+        pytest.skip(f"{dataset}: not re-scored under protocol {PROTOCOL_VERSION} yet (the README says so)")
     expected = leaderboard_tables(results, stats=False)["main"]
     df = pd.read_csv(path)
     assert list(df["id"]) == list(expected["id"]) and list(df["method"]) == list(expected["method"])
