@@ -525,8 +525,9 @@ def central_question_html(data: SiteData) -> list[str]:
         if CENTRAL_HEADING not in md:
             continue
         section = md.split(CENTRAL_HEADING, 1)[1].split("\n## ", 1)[0]
-        out.append(f"<h2>{esc(ds.name)}: does smoothing make A's maps more trustworthy?</h2>")
-        out.append(markdown(section.strip()))
+        # rendered one level down from an h1 of its own, so its table gets the heading as its caption
+        out.append(markdown(f"# {ds.name}: does smoothing make A's maps more trustworthy?\n\n{section.strip()}",
+                            demote=1))
         out.append(f'<p>Per claim and method with every seed: <a href="{esc(ds.name)}_claims.html">the claims page</a>.</p>')
     return out
 

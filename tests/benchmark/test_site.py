@@ -97,6 +97,9 @@ def test_board_table_has_one_row_per_csv_row_with_the_csv_values():
         t = parse_table(W.render(W.SiteData([ds]))[f"{ds.name}.html"].decode(), "board")
         with open(DEFAULT_LEADERBOARDS_DIR / f"{ds.name}.csv", newline="") as f:
             csv_rows = list(csv.DictReader(f))
+        if not csv_rows:  # a dataset awaiting its re-score under a new protocol (test_committed_artifacts checks why)
+            assert t.rows == []
+            continue
         assert len(t.rows) == len(csv_rows) > 0
         assert t.headers[:6] == ["model", "method", "variant", "Gini \u2191", "SSIM \u2191", "log10 ROS \u2193"]
         for cells, r in zip(t.rows, csv_rows):

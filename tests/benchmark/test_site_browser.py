@@ -72,8 +72,8 @@ def test_page_loads_cleanly_from_disk_and_every_image_loads(page, name):
     bad = [i["src"] for i in images if not i["ok"]]
     assert bad == [], f"images that did not load: {bad}"
     assert all(len(i["alt"]) >= 20 for i in images)
-    if name in {f"{d}.html" for d in BOARDS}:
-        assert len(images) >= 1 + 2  # the figures and a gallery per model
+    if name in {f"{d}.html" for d in BOARDS} and _csv_rows(name.replace(".html", ".csv")):
+        assert len(images) >= 1 + 2  # the figures and a gallery per model (a board awaiting its re-score has none)
     assert page.eval("document.querySelectorAll('table:not(:has(caption))').length") == 0
 
 
@@ -109,6 +109,8 @@ def test_board_rows_and_sorting_by_a_click(page, dataset, tmp_path):
 @pytest.mark.parametrize("dataset", BOARDS)
 def test_comparisons_rows_and_sorting_by_p_value(page, dataset):
     rows = _csv_rows(f"{dataset}_comparisons.csv")
+    if not rows:
+        pytest.skip(f"{dataset}_comparisons.csv has no rows (awaiting its re-score; test_committed_artifacts checks why)")
     page.goto((SITE / f"{dataset}_comparisons.html").resolve().as_uri())
     assert page.eval("document.querySelectorAll('#comparisons tbody tr').length") == len(rows)
     col = _header_index(page, "comparisons", "p (Holm)")
