@@ -305,6 +305,17 @@ def cmd_score(args) -> int:
     return EXIT_OK
 
 
+def cmd_remove(args) -> int:
+    """Take a submission off the board, all or nothing (benchmark.store.remove_submission)."""
+    from salbench.benchmark.store import StoreLock, remove_submission
+
+    with StoreLock(args.dataset):
+        card = remove_submission(args.dataset, args.name)
+    print(f"removed {card['id']} ({card.get('name') or card['id']}) from the {args.dataset} board: its card, weights and "
+          f"stored result are gone and the board files regenerated; run `salbench site` to redraw the site")
+    return EXIT_OK
+
+
 def cmd_verify(args) -> int:
     """Re-score a stored result on this machine; exit 0 when every banded aggregate is within its band."""
     from pathlib import Path
@@ -475,6 +486,11 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("target", help="a zoo or submission id, or the path of a stored result file")
     v.add_argument("--quiet", action="store_true")
     v.set_defaults(func=cmd_verify)
+
+    rm = sub.add_parser("remove", help="take a submission off the board (card, weights, result; boards regenerated)")
+    rm.add_argument("name", help="the submission's name or id (`salbench score` printed it)")
+    rm.add_argument("--dataset", required=True, choices=DATASETS)
+    rm.set_defaults(func=cmd_remove)
 
     f = sub.add_parser("figures", help="SSIM-vs-noise and ROAD curves, saliency-map grid (PNG)")
     f.add_argument("--dataset", required=True, choices=DATASETS)

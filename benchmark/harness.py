@@ -18,10 +18,11 @@ from salbench.model_zoo import zoo
 from salbench.model_zoo.data import load_split
 
 
-def _lock(dataset: str, out_dir: Path | None = None) -> "StoreLock":
+def _lock(dataset: str, out_dir: Path | None = None, *, results_root: Path | None = None,
+          submissions_dir: Path | None = None) -> "StoreLock":
     """The dataset's store lock: waiting announced and bounded ($SALBENCH_LOCK_TIMEOUT), and an
     interrupted submission completed / temporary debris removed on entry (``benchmark.store``)."""
-    return StoreLock(dataset, out_dir)
+    return StoreLock(dataset, out_dir, results_root=results_root, submissions_dir=submissions_dir)
 
 
 def zoo_cards(dataset: str, cards_dir: Path | None = None) -> list[dict]:
@@ -102,13 +103,13 @@ def score_zoo(dataset: str, *, rescore: bool = False, config: ScoreConfig = Scor
 
 def _save(dataset: str, res: dict, card: dict, results_root: Path | None, out_dir: Path | None) -> None:
     if D.is_main():  # under torch.distributed rank 0 alone writes
-        with _lock(dataset, out_dir):
+        with _lock(dataset, out_dir, results_root=results_root):
             R.save_result(res, card, root=results_root)
 
 
 def regenerate(dataset: str, *, results_root: Path | None = None, out_dir: Path | None = None,
                images_sha256: str | None = None) -> dict[str, Path]:
-    with _lock(dataset, out_dir):
+    with _lock(dataset, out_dir, results_root=results_root):
         return write_leaderboard(dataset, results_root=results_root, out_dir=out_dir, images_sha256=images_sha256)
 
 
@@ -154,7 +155,7 @@ def submit(path: str | Path, *, arch: str | None, dataset: str, name: str, notes
     card["robust_protocol"] = res["accuracy"].get("robust_protocol", {})
     if not D.is_main():  # under torch.distributed rank 0 alone writes
         return card, res
-    with _lock(dataset, out_dir):
+    with _lock(dataset, out_dir, results_root=results_root, submissions_dir=submissions_dir):
         # all or nothing, name and weights checked again under the lock (benchmark.store)
         commit_submission(card, payload, res, images_sha256=imageset.images_sha256, submissions_dir=submissions_dir,
                           results_root=results_root, out_dir=out_dir)

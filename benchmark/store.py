@@ -74,8 +74,10 @@ class StoreLock:
     transaction is completed and temporary-file debris removed (:func:`recover`)."""
 
     def __init__(self, dataset: str, out_dir: Path | None = None, *, timeout: float | None = None,
-                 say: Callable[[str], None] | None = None):
+                 say: Callable[[str], None] | None = None, results_root: Path | None = None,
+                 submissions_dir: Path | None = None):
         self.dataset, self.out_dir = dataset, Path(out_dir or R.leaderboards_dir())
+        self.results_root, self.submissions_dir = results_root, submissions_dir
         self.timeout = lock_timeout() if timeout is None else timeout
         self.say = say or _say
         self.path = self.out_dir / f".{dataset}.lock"
@@ -103,7 +105,8 @@ class StoreLock:
                                      "runs (nothing was written)") from None
         self._lock = lock
         try:
-            recover(self.dataset, self.out_dir, say=self.say)
+            recover(self.dataset, self.out_dir, say=self.say, results_root=self.results_root,
+                    submissions_dir=self.submissions_dir)
         except BaseException:
             lock.release()
             raise
@@ -136,47 +139,191 @@ def _tmp_debris(dataset: str, out_dir: Path) -> list[Path]:
     out = [p for p in out_dir.glob(f".{dataset}*.tmp")]
     for sub in ("results", "submissions"):
         d = out_dir / sub / dataset
-        if d.is_dir():
+        if _real_folder(d) is not None:  # never into a linked folder: its files are not the store's
             out += d.glob(".*.tmp")
-    return [p for p in out if p.is_file()]
+    return [p for p in out if _regular(p)]
 
 
 def _say(message: str) -> None:
     R.warn(message, once=False)
 
 
-def recover(dataset: str, out_dir: Path | None = None, *, say: Callable[[str], None] = _say) -> list[str]:
+class JournalRefused(StoreError):
+    """A journal names something the store did not write (a path outside the dataset's store folders,
+    a followed link, a staged file that is not the store's own): nothing it names is touched."""
+
+
+_SHA_HEX = frozenset("0123456789abcdef")
+_TARGET_SUFFIXES = {"results": (".json",), "submissions": (".json", ".safetensors", ".pt2")}
+MAX_STAGED_BYTES = 2 << 30  # a staged file is hashed before it is renamed; larger ones are refused
+
+
+def store_folders(dataset: str, out_dir: Path, *, results_root: Path | None = None,
+                  submissions_dir: Path | None = None) -> dict[str, Path]:
+    """The folders a transaction of ``dataset`` may write, by kind: results and submissions."""
+    from salbench.benchmark import submit as S
+
+    return {"results": Path(results_root or out_dir / "results") / dataset,
+            "submissions": Path(submissions_dir or S.submissions_root()) / dataset}
+
+
+def _real_folder(d: Path) -> Path | None:
+    """``d`` resolved, when it is a folder reached without following a link in its last two
+    components (``<root>/<dataset>``: a planted link there would lead writes elsewhere), else None."""
+    for q in (d, d.parent):
+        if q.is_symlink():
+            return None
+    return d.resolve() if d.is_dir() else None
+
+
+def _sha_ok(sha) -> bool:
+    return isinstance(sha, str) and len(sha) == 64 and set(sha) <= _SHA_HEX
+
+
+def _regular(p: Path) -> bool:
+    """``p`` is a regular file itself (not a link to one, not a FIFO or device)."""
+    try:
+        return stat.S_ISREG(os.lstat(p).st_mode)
+    except OSError:
+        return False
+
+
+def _hash_regular(p: Path) -> str | None:
+    """sha256 of a regular file read without following a link or blocking, bounded in size; None otherwise."""
+    try:
+        fd = os.open(p, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_STAGED_BYTES:
+            return None
+        h = hashlib.sha256()
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+        return h.hexdigest()
+
+
+def _entry(raw, folders: dict[str, Path], *, staged_needed: bool) -> tuple[Path | None, Path, str]:
+    """One journal entry checked: ``[staged, target, sha256]`` (``staged`` None for a removal). The
+    target must be a plain file name in one of ``folders`` (reached without links) with a suffix the
+    store writes there; a staged file must sit next to it under the store's temporary name
+    (``.<target name>.*.tmp``). Raises :class:`JournalRefused` naming the first offending path."""
+    if not isinstance(raw, (list, tuple)) or len(raw) != (3 if staged_needed else 2):
+        raise JournalRefused(f"an entry {str(raw)[:80]!r} is not [staged, target, sha256]" if staged_needed
+                             else f"an entry {str(raw)[:80]!r} is not [path, sha256]")
+    *paths, sha = raw
+    if not all(isinstance(q, str) for q in paths) or not _sha_ok(sha):
+        raise JournalRefused(f"an entry {str(raw)[:80]!r} has no path string or no sha256")
+    target = Path(paths[-1])
+    staged = Path(paths[0]) if staged_needed else None
+    where = None
+    for kind, folder in folders.items():
+        real = _real_folder(folder)
+        if real is not None and target.is_absolute() and ".." not in target.parts \
+                and target.parent.resolve() == real and not target.parent.is_symlink():
+            where = kind
+            break
+    if where is None:
+        raise JournalRefused(f"it names {target}, which is not in this dataset's store folders "
+                             f"({', '.join(str(f) for f in folders.values())}) or is reached through a link")
+    if target.name.startswith(".") or not target.name.endswith(_TARGET_SUFFIXES[where]):
+        raise JournalRefused(f"it names {target}, which is not a file the store writes there")
+    if target.is_symlink() or (target.exists() and not _regular(target)):
+        raise JournalRefused(f"it names {target}, which is a link or not a regular file")
+    if staged is not None:
+        if staged.parent != target.parent or not (staged.name.startswith(f".{target.name}.")
+                                                   and staged.name.endswith(".tmp")):
+            raise JournalRefused(f"its staged file {staged} is not the store's temporary file for {target.name}")
+        if staged.is_symlink() or (staged.exists() and not _regular(staged)):
+            raise JournalRefused(f"its staged file {staged} is a link or not a regular file")
+    return staged, target, sha
+
+
+def _read_journal(j: Path, dataset: str, folders: dict[str, Path], results_root: Path | None):
+    """The checked journal as (op, id, entries, images_sha256), None when unreadable (a kill while
+    it was written cannot leave that: it is written atomically); :class:`JournalRefused` when it names
+    anything the store did not write."""
+    if not _regular(j):
+        raise JournalRefused(f"{j.name} is a link or not a regular file")
+    try:
+        if os.lstat(j).st_size > 1 << 20:
+            raise JournalRefused(f"{j.name} is larger than any journal the store writes")
+        journal = json.loads(j.read_bytes())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(journal, dict) or journal.get("op") not in ("submit", "remove"):
+        raise JournalRefused(f"{j.name} is not a submit or remove journal")
+    op = journal["op"]
+    raw = journal.get("files") if op == "submit" else journal.get("remove")
+    if not isinstance(raw, list) or not raw or len(raw) > 8:
+        raise JournalRefused(f"{j.name} lists no files or more than a transaction writes")
+    entries = [_entry(e, folders, staged_needed=op == "submit") for e in raw]
+    reg = journal.get("regenerate") or {}
+    if not isinstance(reg, dict):
+        raise JournalRefused(f"{j.name} has a malformed regenerate block")
+    want = str(results_root) if results_root else None
+    if reg.get("results_root") not in (None, want):
+        raise JournalRefused(f"{j.name} asks to regenerate from {reg.get('results_root')!r}, not this store's results")
+    images = reg.get("images_sha256")
+    if images is not None and not _sha_ok(images):
+        raise JournalRefused(f"{j.name} has a malformed image-set hash")
+    sid = journal.get("id")
+    sid = sid if isinstance(sid, str) and sid.isprintable() and len(sid) <= 200 else "?"
+    return op, sid, entries, images
+
+
+def recover(dataset: str, out_dir: Path | None = None, *, say: Callable[[str], None] = _say,
+            results_root: Path | None = None, submissions_dir: Path | None = None) -> list[str]:
     """Complete an interrupted transaction of ``dataset`` (call with the lock held): rename what the
-    journal lists and is still staged, regenerate the boards, remove the journal; then remove
-    temporary-file debris. Returns what was done (also said through ``say``)."""
+    journal lists and is still staged (a removal: unlink what it lists), regenerate the boards, remove
+    the journal; then remove temporary-file debris. Returns what was done (also said through ``say``).
+
+    A journal is trusted only as far as the store could have written it: every path must be a file
+    the store writes in this dataset's results or submissions folder (no link followed, no ``..``),
+    every staged file the store's own temporary file whose sha256 is the one journalled. Otherwise
+    nothing it names is touched: it is moved aside as ``.<dataset>.journal.refused.json`` and
+    :class:`JournalRefused` raised (one line)."""
     out_dir = Path(out_dir or R.leaderboards_dir())
+    folders = store_folders(dataset, out_dir, results_root=results_root, submissions_dir=submissions_dir)
     done = []
     j = journal_path(dataset, out_dir)
-    if j.is_file():
+    if j.is_file() or j.is_symlink() or j.exists():
         try:
-            journal = json.loads(j.read_bytes())
-            # [staged, target] (older journals) or [staged, target, sha256 of the staged bytes]
-            files = [(Path(f[0]), Path(f[1]), f[2] if len(f) > 2 else None) for f in journal["files"]]
-        except (OSError, ValueError, KeyError, TypeError, IndexError):
-            journal, files = None, []
-        if journal is not None:
-            missing = []  # targets neither renamed now nor already holding the staged bytes
-            for staged, target, sha in files:
-                if staged.is_file():
+            checked = _read_journal(j, dataset, folders, results_root)
+        except JournalRefused as e:
+            aside = out_dir / f".{dataset}.journal.refused.json"
+            os.replace(j, aside)  # renames the entry itself (never follows a link), inside the store
+            raise JournalRefused(f"refused {j} ({e}); recovery only completes transactions this store wrote, "
+                                 f"so nothing it names was touched; it was moved aside to {aside.name}") from None
+        if checked is not None:
+            op, sid, entries, images = checked
+            missing = []  # targets neither completed now nor already in the journalled state
+            for staged, target, sha in entries:
+                if op == "remove":
+                    if _regular(target) and _hash_regular(target) == sha:
+                        target.unlink()
+                    elif target.exists() or target.is_symlink():
+                        missing.append(target)  # another file took its place: left alone
+                elif staged is not None and _regular(staged):
+                    if _hash_regular(staged) != sha:
+                        missing.append(target)  # not the bytes that were staged: left alone
+                        continue
                     os.replace(staged, target)
-                elif not target.is_file() or (sha and zoo.sha256_file(target) != sha):
+                elif not _regular(target) or _hash_regular(target) != sha:
                     missing.append(target)
             from salbench.benchmark.leaderboard import write_leaderboard
 
-            reg = journal.get("regenerate", {})
-            write_leaderboard(dataset, results_root=Path(reg["results_root"]) if reg.get("results_root") else None,
-                              out_dir=out_dir, images_sha256=reg.get("images_sha256"))
-            sid = journal.get("id", "?")
-            if missing:
+            write_leaderboard(dataset, results_root=results_root, out_dir=out_dir, images_sha256=images)
+            if op == "remove":
+                done.append(f"completed the interrupted removal of {sid} (the {dataset} board files were regenerated)"
+                            + (f"; left alone {len(missing)} file(s) that no longer hold what was removed "
+                               f"({', '.join(p.name for p in missing)})" if missing else ""))
+            elif missing:
                 names = ", ".join(p.name for p in missing)
                 done.append(f"could not complete the interrupted submission of {sid}: {len(missing)} of the "
-                            f"{len(files)} file(s) its journal lists were staged but are gone and not in place "
-                            f"({names}); the {dataset} board files were regenerated from what the store holds "
+                            f"{len(entries)} file(s) its journal lists were staged but are gone, changed or not in "
+                            f"place ({names}); the {dataset} board files were regenerated from what the store holds "
                             f"and the journal removed; submit {sid} again to publish it completely")
             else:
                 done.append(f"completed the interrupted submission of {sid} "
@@ -285,3 +432,75 @@ def commit_submission(card: dict, payload: bytes, result: dict, *, images_sha256
     _boundary("boards written")
     journal_path(dataset, out_dir).unlink()
     _boundary("journal removed")
+
+
+def remove_submission(dataset: str, name: str, *, submissions_dir: Path | None = None,
+                      results_root: Path | None = None, out_dir: Path | None = None) -> dict:
+    """Take a submission off the board all-or-nothing (call with the dataset's :class:`StoreLock`
+    held): its card, weights and stored result are journalled (path and sha256), unlinked, and the
+    board files regenerated; a kill after the journal lands is completed by the next command.
+    ``name`` is the submission's name or id. Zoo models refuse. Returns the removed card."""
+    from salbench.benchmark import submit as S
+    from salbench.benchmark.leaderboard import write_leaderboard
+    from salbench.model_zoo.zoo import list_cards
+
+    out_dir = Path(out_dir or R.leaderboards_dir())
+    if name in {c["id"] for c in list_cards(dataset)}:
+        raise StoreError(f"{name} is a {dataset} zoo model; `salbench remove` takes submissions off the board, "
+                         "zoo entries are changed by editing model_zoo/cards (nothing was removed)")
+    cards = S.list_submission_cards(dataset, submissions_dir)
+    match = [c for c in cards if name in (c.get("id"), c.get("name"), f"{dataset}-sub-{S.slug(name)}")]
+    if not match:
+        known = ", ".join(sorted(str(c.get("name") or c["id"]) for c in cards)) or "none"
+        raise StoreError(f"no {dataset} submission named {name!r} (submissions on the board: {known}); "
+                         "nothing was removed")
+    card = match[0]
+    folders = store_folders(dataset, out_dir, results_root=results_root, submissions_dir=submissions_dir)
+    sdir = folders["submissions"]
+    paths = [sdir / f"{card['id']}.json"]
+    weights = card.get("weights")
+    if isinstance(weights, str) and Path(weights).name == weights and weights:
+        paths.append(sdir / weights)
+    rpath = R.result_path(dataset, card["sha256"], root=results_root)
+    if _regular(rpath):
+        try:
+            doc = json.loads(rpath.read_bytes())
+            if doc.get("model", {}).get("id") == card["id"]:
+                paths.append(rpath)
+        except (OSError, ValueError):
+            paths.append(rpath)  # an unreadable result of these weights goes with them
+    entries = []
+    for p in paths:
+        if p.is_symlink() or (p.exists() and not _regular(p)):
+            raise StoreError(f"{p} is a link or not a regular file; it is not the store's, nothing was removed")
+        if _regular(p):
+            entries.append([str(p), _hash_regular(p)])
+    for e in entries:  # the same checks recovery applies: only store files of this dataset
+        try:
+            _entry(e, folders, staged_needed=False)
+        except JournalRefused as err:
+            raise StoreError(f"cannot remove {card['id']}: {err} (nothing was removed)") from None
+    images = _committed_images_sha256(dataset)
+    journal = {"op": "remove", "id": card["id"], "remove": entries,
+               "regenerate": {"results_root": str(results_root) if results_root else None, "images_sha256": images}}
+    zoo.atomic_write_bytes(journal_path(dataset, out_dir), (json.dumps(journal, indent=1) + "\n").encode())
+    _boundary("journal written")
+    for path, _ in entries:
+        Path(path).unlink(missing_ok=True)
+        _boundary(f"removed {Path(path).name}")
+    write_leaderboard(dataset, results_root=results_root, out_dir=out_dir, images_sha256=images)
+    _boundary("boards written")
+    journal_path(dataset, out_dir).unlink()
+    _boundary("journal removed")
+    return card
+
+
+def _committed_images_sha256(dataset: str) -> str | None:
+    """The image-set hash of the dataset's committed set (None without one: every result is kept)."""
+    from salbench.benchmark.imagesets import imageset_path, read_imageset_doc
+
+    try:
+        h = read_imageset_doc(imageset_path(dataset))["images_sha256"]
+    except (OSError, ValueError, KeyError):
+        return None
+    return h if _sha_ok(h) else None
