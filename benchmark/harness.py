@@ -38,14 +38,23 @@ def _notifier(notify: Callable[[str], None] | None, progress: bool) -> Callable[
 
 
 def _cached(dataset: str, sha256: str, config: ScoreConfig, imageset, results_root: Path | None,
-            say: Callable[[str], None], label: str) -> dict | None:
+            say: Callable[[str], None], label: str, function: dict | None = None,
+            replace_unverifiable: bool = True) -> dict | None:
     """The stored result for these weights if its identity matches the requested score (announced),
-    else None (and why it is scored is announced). Under torch.distributed rank 0 decides for every rank."""
-    res, why = None, None
+    else None (and why it is scored is announced). Under torch.distributed rank 0 decides for every rank.
+    With ``replace_unverifiable=False`` a stored file that fails verification raises its
+    ``StoredResultError`` (on every rank) instead of being scored again."""
+    res, why, bad = None, None, None
     if D.is_main():
-        res, why = R.find_reusable(dataset, sha256, config=resolve_config(config, dataset).to_dict(),
-                                   images_sha256=imageset.images_sha256, n_images=len(imageset), root=results_root)
-    res, why = D.broadcast_object((res, why))
+        try:
+            res, why = R.find_reusable(dataset, sha256, config=resolve_config(config, dataset).to_dict(),
+                                       images_sha256=imageset.images_sha256, n_images=len(imageset),
+                                       root=results_root, function=function, replace_unverifiable=replace_unverifiable)
+        except R.StoredResultError as e:
+            bad = str(e)
+    res, why, bad = D.broadcast_object((res, why, bad))
+    if bad is not None:
+        raise R.StoredResultError(bad)
     say(why if res is not None else f"scoring {label} ({why}) ...")
     return res
 
@@ -63,6 +72,12 @@ def score_zoo(dataset: str, *, rescore: bool = False, config: ScoreConfig = Scor
     the model is scored again and the stored file replaced. ``notify`` receives one line per model
     (re-used or why scored); default: printed when ``progress``.
 
+    A stored file that fails verification (edited, truncated, a legacy file not in the manifest) is
+    scored again only when asked (``only`` names the model, or ``rescore``); otherwise the model is
+    left out of the board with one warning naming the file (a regeneration never starts hours of
+    unasked scoring). A link, FIFO or device at a model's result path is never replaced: that model
+    is left out with one warning; a results folder reached through a link is refused before any work.
+
     With ``band`` (default), a result without its numerical band (PROTOCOL §8.4: one-ulp and float64
     re-scores with the same draws, ``benchmark.bands``) gets one, stored in the result."""
     say = _notifier(notify, progress)
@@ -70,17 +85,25 @@ def score_zoo(dataset: str, *, rescore: bool = False, config: ScoreConfig = Scor
     unknown = [i for i in only or [] if i not in {c["id"] for c in cards}]
     if unknown:
         raise ValueError(f"unknown {dataset} zoo id(s) {', '.join(unknown)}; known: {', '.join(c['id'] for c in cards)}")
+    R.results_folder(dataset, results_root)  # StoredResultError (one line) when reached through a link
     test_split = test_split or load_split(dataset, "test")
     imageset = imageset or load_imageset(dataset, test_split=test_split, cards_dir=cards_dir)
     out = []
     for card in cards:
         if only and card["id"] not in only:
             continue
-        if rescore:
-            res = None
-            say(f"scoring {card['id']} (--rescore) ...")
-        else:
-            res = _cached(dataset, card["sha256"], config, imageset, results_root, say, card["id"])
+        try:
+            R.check_result_target(dataset, card["sha256"], root=results_root)  # no link, FIFO, device there
+            if rescore:
+                res = None
+                say(f"scoring {card['id']} (--rescore) ...")
+            else:
+                res = _cached(dataset, card["sha256"], config, imageset, results_root, say, card["id"],
+                              replace_unverifiable=bool(only))
+        except R.StoredResultError as e:
+            if D.is_main():  # the line list_results says for the same file (said once)
+                R.warn(f"{e}; {R.LEFT_OUT}")
+            continue
         model = None
         if res is None:
             model = zoo.load(card["id"], cards_dir=cards_dir)
@@ -143,7 +166,8 @@ def submit(path: str | Path, *, arch: str | None, dataset: str, name: str, notes
         res = None
         say(f"scoring {card['id']} (--rescore) ...")
     else:
-        res = _cached(dataset, card["sha256"], config, imageset, results_root, say, card["id"])
+        res = _cached(dataset, card["sha256"], config, imageset, results_root, say, card["id"],
+                      function=R.function_fields(card))
     if res is None:
         S.check_not_degenerate(model, imageset, resolve_config(config, dataset), name=Path(path).name)
         res = score(model, imageset, config, test_split=test_split, progress=progress).to_dict()

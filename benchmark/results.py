@@ -9,9 +9,13 @@ file replaced, so the store holds the latest result of each checkpoint.
 
 Every file carries ``digest``, the sha256 of its own canonical content (:func:`content_digest`),
 checked on every read (:func:`read_result_file`): a file edited by hand, empty or truncated is
-named in a one-line warning and left out (never published; a zoo model's is scored again), and it
-blocks no other row. Files written before the digest existed (the committed ones) are accepted
-only when their exact bytes are listed in ``benchmark/legacy_results.json``.
+named in a one-line warning and left out (never published; a zoo model's is scored again only when
+asked, ``salbench leaderboard --only ID`` or ``--rescore``: a board regeneration never starts hours of
+unasked scoring), and it blocks no other row. Files written before the digest existed (the committed
+ones) are accepted only when their exact bytes are listed in ``benchmark/legacy_results.json``.
+Only regular files are read or replaced (``model_zoo.safe_files``): a link, FIFO, device or
+oversize file in the results folder is named and left out the same way, never followed, read or
+written through, and a results folder reached through a link is refused.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from salbench.metrics.protocol import PROTOCOL_VERSION
+from salbench.model_zoo.safe_files import UnsafeFileError, check_folder, check_write_target, read_regular
 from salbench.model_zoo.zoo import atomic_write_bytes
 
 DEFAULT_LEADERBOARDS_DIR = Path(__file__).resolve().parent.parent / "leaderboards"
@@ -40,7 +45,23 @@ def results_dir() -> Path:
 
 # card fields copied into each result so a leaderboard needs nothing else
 MODEL_FIELDS = ("id", "dataset", "arch", "variant", "preset", "source", "sha256", "natural_accuracy",
-                "robust_accuracy", "num_params", "smoothing", "notes", "name")
+                "robust_accuracy", "num_params", "smoothing", "notes", "name", "normalization", "key_map",
+                "state_key")
+
+# what, besides the weights' bytes, decides the function a submission computes (issue 28, item 4):
+# the architecture it is built as, its smoothing blocks, the input normalisation put in front of it
+# and how its state dict was read (key map, state key). An exported program's file bytes (its sha256)
+# hold its graph and weights. A zoo model's card is committed with its weights, so its identity
+# keeps the weights' sha256 alone (and the identities of every stored zoo result stay as they were).
+FUNCTION_FIELDS = ("arch", "smoothing", "normalization", "key_map", "state_key")
+
+
+def function_fields(model: dict) -> dict | None:
+    """The identity's ``function`` block of a card (or a result's ``model`` block): for a submission,
+    :data:`FUNCTION_FIELDS` as the card holds them (absent ones None); for a zoo model, None."""
+    if not isinstance(model, dict) or model.get("source") != "submission":
+        return None
+    return {k: model.get(k) for k in FUNCTION_FIELDS}
 
 
 def result_path(dataset: str, sha256: str, protocol: str = PROTOCOL_VERSION, root: Path | None = None) -> Path:
@@ -158,7 +179,8 @@ def device_type(device: str) -> str:
     return str(device).split(":", 1)[0].strip().lower()
 
 
-def identity_fields(*, sha256: str, protocol: str, images_sha256: str, n_images: int, config: dict) -> dict:
+def identity_fields(*, sha256: str, protocol: str, images_sha256: str, n_images: int, config: dict,
+                    function: dict | None = None) -> dict:
     """The canonical fields a result's numbers are a function of.
 
     ``config`` is a *resolved* score config as stored in a result (``ScoreConfig.to_dict()`` with
@@ -170,6 +192,10 @@ def identity_fields(*, sha256: str, protocol: str, images_sha256: str, n_images:
     not change the draws), and the batch size as far as it changes the random draws: generators are
     keyed by batch start, so every batch size >= the set size draws the same noise and counts as
     ``n_images``.
+
+    For a submission, ``function`` (:func:`function_fields` of its card: architecture, smoothing,
+    normalisation, key map, state key) is included too: the same weights read another way compute
+    another function, so a resubmission that changes any of them is scored again.
 
     Left out on purpose (execution knobs that change no draw and no formula, only float rounding,
     like the thread count): ``ig_internal_batch_size`` (how many IG path points one forward pass
@@ -192,6 +218,7 @@ def identity_fields(*, sha256: str, protocol: str, images_sha256: str, n_images:
         "draw_batch_size": min(int(c["batch_size"]), int(n_images)),
         "device_type": device_type(c.get("device", "cpu")),
         **_metrics_field(c),
+        **({"function": json.loads(json.dumps(function, sort_keys=True))} if function is not None else {}),
     }
 
 
@@ -206,19 +233,20 @@ def _metrics_field(config: dict) -> dict:
     return {} if tuple(names) == _PROTOCOL_METRICS else {"metrics": names}
 
 
-def result_identity(*, sha256: str, protocol: str, images_sha256: str, n_images: int, config: dict) -> str:
+def result_identity(*, sha256: str, protocol: str, images_sha256: str, n_images: int, config: dict,
+                    function: dict | None = None) -> str:
     """The identity of a result: sha256 (hex) of the canonical JSON (sorted keys, no spaces) of
     :func:`identity_fields`. Two results with the same identity hold the same numbers (up to float
     rounding), so a stored result is re-used exactly when its identity equals the requested one."""
     fields = identity_fields(sha256=sha256, protocol=protocol, images_sha256=images_sha256, n_images=n_images,
-                             config=config)
+                             config=config, function=function)
     return hashlib.sha256(json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def _doc_identity_args(doc: dict) -> dict:
     return {"sha256": doc["model"]["sha256"], "protocol": doc["protocol"],
             "images_sha256": doc["imageset"]["images_sha256"], "n_images": doc["imageset"]["n"],
-            "config": doc["config"]}
+            "config": doc["config"], "function": function_fields(doc["model"])}
 
 
 def identity_of(doc: dict) -> str | None:
@@ -234,7 +262,7 @@ def identity_of(doc: dict) -> str | None:
 
 
 def identity_difference(doc: dict, *, sha256: str, protocol: str, images_sha256: str, n_images: int,
-                        config: dict) -> list[str]:
+                        config: dict, function: dict | None = None) -> list[str]:
     """Which identity fields of a stored result differ from the requested ones, as
     ``"name: stored -> requested"`` strings (empty when they agree or the file cannot say)."""
     try:
@@ -242,8 +270,13 @@ def identity_difference(doc: dict, *, sha256: str, protocol: str, images_sha256:
     except (KeyError, TypeError, ValueError):
         return ["the stored file has no readable config"]
     want = identity_fields(sha256=sha256, protocol=protocol, images_sha256=images_sha256, n_images=n_images,
-                           config=config)
-    return [f"{k}: {have[k]} -> {want[k]}" for k in want if have.get(k) != want[k]]
+                           config=config, function=function)
+    out = [f"{k}: {have.get(k)} -> {want[k]}" for k in want if have.get(k) != want[k]]
+    if isinstance(want.get("function"), dict):  # name the function fields that changed, not the whole block
+        old = have.get("function") or {}
+        out = [x for x in out if not x.startswith("function:")] + [
+            f"{k}: {old.get(k)} -> {v}" for k, v in want["function"].items() if old.get(k) != v]
+    return out
 
 
 def _on_set(doc: dict, images_sha256: str | None) -> bool:
@@ -270,19 +303,25 @@ def load_result(dataset: str, sha256: str, protocol: str = PROTOCOL_VERSION, roo
 
 
 def find_reusable(dataset: str, sha256: str, *, config: dict, images_sha256: str, n_images: int,
-                  protocol: str = PROTOCOL_VERSION, root: Path | None = None) -> tuple[dict | None, str]:
+                  protocol: str = PROTOCOL_VERSION, root: Path | None = None,
+                  function: dict | None = None, replace_unverifiable: bool = True) -> tuple[dict | None, str]:
     """Look up a stored result that may be re-used for a score with the resolved ``config``.
 
     Returns ``(doc, message)``: ``doc`` is the stored result when its identity matches (``message``
     then says what is re-used and when it was scored), else None with ``message`` saying why it is
-    scored (no stored result, another image set, or which config fields differ)."""
-    want = dict(sha256=sha256, protocol=protocol, images_sha256=images_sha256, n_images=n_images, config=config)
+    scored (no stored result, another image set, or which config fields differ). A stored file that
+    fails verification (:func:`read_result_file`) is scored again and replaced, or with
+    ``replace_unverifiable=False`` its :class:`StoredResultError` is raised."""
+    want = dict(sha256=sha256, protocol=protocol, images_sha256=images_sha256, n_images=n_images, config=config,
+                function=function)
     p = result_path(dataset, sha256, protocol, root)
-    if not p.is_file():
+    if not os.path.lexists(p):  # a link or FIFO there is named by read_result_file, not called absent
         return None, "no stored result"
     try:
         doc = read_result_file(p)
     except StoredResultError as e:
+        if not replace_unverifiable:
+            raise
         return None, f"{e}; it is replaced"
     if doc.get("model", {}).get("sha256") != sha256 or doc.get("protocol") != protocol:
         return None, f"the stored file {p.name} belongs to other weights or another protocol"
@@ -329,6 +368,12 @@ def save_result(result: "Result | dict", card: dict, root: Path | None = None) -
 # leaderboards/results/ files): such a file is accepted without a digest only when its bytes are listed
 LEGACY_MANIFEST = Path(__file__).resolve().parent / "legacy_results.json"
 
+# the most bytes a stored result may hold (safe_files.read_regular: never a link, FIFO or device). The
+# largest committed result (FMNIST, 1000 images, VG + IG) is about 0.98 MB; 32 MiB leaves a margin of
+# ~30x for more methods, metrics or images, and bounds what a planted file can make a command read
+MAX_RESULT_BYTES = 32 << 20
+MAX_MANIFEST_BYTES = 1 << 20  # the legacy manifest (about 1 KB)
+
 
 class StoredResultError(ValueError):
     """A stored result file is unreadable (empty, truncated, not JSON) or its content does not match
@@ -345,8 +390,8 @@ def content_digest(doc: dict) -> str:
 
 def _legacy_hashes() -> set[str]:
     try:
-        return set(json.loads(LEGACY_MANIFEST.read_text()))
-    except (OSError, ValueError):
+        return set(json.loads(read_regular(LEGACY_MANIFEST, max_bytes=MAX_MANIFEST_BYTES, what="legacy manifest")))
+    except (OSError, ValueError):  # UnsafeFileError (a link, FIFO, ...) is a ValueError: nothing is listed
         return set()
 
 
@@ -358,7 +403,9 @@ def read_result_file(p: Path) -> dict:
             that does not match (or, for a file without a digest, bytes not in the legacy manifest).
     """
     try:
-        raw = p.read_bytes()
+        raw = read_regular(p, max_bytes=MAX_RESULT_BYTES, what="stored result")
+    except UnsafeFileError as e:  # a link, FIFO, device or folder, or an oversize file: never followed or read
+        raise StoredResultError(str(e)) from None
     except OSError as e:
         raise StoredResultError(f"stored result {p} is unreadable ({e.strerror or e})") from None
     try:
@@ -392,6 +439,43 @@ def warn(message: str, once: bool = True) -> None:
         print(f"salbench: warning: {message}", file=sys.stderr, flush=True)
 
 
+def results_folder(dataset: str, root: Path | None = None) -> Path:
+    """``<root or leaderboards/results>/<dataset>``, refused when a component inside the store (the
+    ``results`` folder, the dataset's folder) is a link: reads and writes never go through one.
+
+    Raises:
+        StoredResultError: naming the folder and the link.
+    """
+    folder = (root or results_dir()) / dataset
+    try:
+        return check_folder(folder, root or leaderboards_dir(), what="results folder")
+    except UnsafeFileError as e:
+        raise StoredResultError(str(e)) from None
+
+
+def check_result_target(dataset: str, sha256: str, protocol: str = PROTOCOL_VERSION,
+                        root: Path | None = None) -> Path:
+    """The result path of these weights, checked before a score is written there: its folder reached
+    without a link (:func:`results_folder`) and the file, when it exists, a regular file itself (not a
+    link, FIFO, device or folder).
+
+    Raises:
+        StoredResultError: one line naming the path and what it is (nothing is read or written).
+    """
+    results_folder(dataset, root)
+    p = result_path(dataset, sha256, protocol, root)
+    try:
+        check_write_target(p, what="stored result")
+    except UnsafeFileError as e:
+        raise StoredResultError(str(e)) from None
+    return p
+
+
+# what happens to a stored file that cannot be verified, said with it (one line per file and process)
+LEFT_OUT = ("left out of the board (restore it, or delete it and score the model again: "
+            "`salbench leaderboard --only ID` for a zoo model)")
+
+
 def _read_or_warn(p: Path, action: str) -> dict | None:
     try:
         return read_result_file(p)
@@ -404,11 +488,13 @@ def list_results(dataset: str, protocol: str = PROTOCOL_VERSION, root: Path | No
                  images_sha256: str | None = None) -> list[dict]:
     """Every stored, verified result of ``dataset`` (only those scored on ``images_sha256`` when
     given). A file that is unreadable or fails verification (:func:`read_result_file`) is left out
-    with a one-line warning naming it: it is never published, and it blocks no other row."""
-    d = (root or results_dir()) / dataset
+    with a one-line warning naming it: it is never published, and it blocks no other row. So is a
+    link, FIFO, device or oversize file (never followed or read); a results folder reached through a
+    link is refused (:class:`StoredResultError`, :func:`results_folder`)."""
+    d = results_folder(dataset, root)
     out = []
     for p in sorted(d.glob(f"*-{protocol}.json")):
-        doc = _read_or_warn(p, "left out of the board (delete it, or score the model again to replace it)")
+        doc = _read_or_warn(p, LEFT_OUT)
         if doc is not None and _on_set(doc, images_sha256):
             out.append(doc)
     return out
