@@ -81,7 +81,13 @@ def cmd_train(args) -> int:
     from salbench.model_zoo.recipes import get_recipe
     from salbench.model_zoo.training import train
 
-    recipe = get_recipe(args.dataset, args.preset, args.variant, placement=args.placement, seed=args.seed)
+    recipe = get_recipe(args.dataset, args.preset, args.variant, placement=args.placement, seed=args.seed,
+                        epochs=args.epochs)
+    if args.epochs is not None and recipe.preset != args.preset and not args.quiet and _is_main():
+        from salbench.model_zoo.training import model_id_for
+
+        print(f"a {recipe.epochs}-epoch run of preset {args.preset}: its own id {model_id_for(recipe)} (the "
+              f"preset's full run keeps its id, checkpoints and card)", flush=True)
     from salbench.benchmark.distributed import device_for
 
     # under torch.distributed a bare "cuda" is this process's cuda:<LOCAL_RANK>
@@ -91,7 +97,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_zoo_list(args) -> int:
-    from salbench.model_zoo.zoo import list_cards
+    from salbench.model_zoo.catalog import list_cards  # JSON only: no torch import (start-up well under 1 s)
 
     cards = list_cards(args.dataset)
     if not cards:
@@ -156,7 +162,7 @@ def cmd_zoo_autoattack(args) -> int:
                                       n_classes=card.get("num_classes", 10),
                                       pgd_robust_accuracy=card.get("robust_accuracy"), progress=not args.quiet)
         path = zoo.zoo_dir() / "cards" / f"{card['id']}.json"
-        fresh = json.loads(path.read_text())  # re-read: another process may have updated the card
+        fresh = zoo.read_card(path)  # re-read (another process may have updated it): a regular file only
         fresh["autoattack"] = entry
         zoo.atomic_write_json(path, fresh)
         print(f"  {card['id']}: PGD {card.get('robust_accuracy', float('nan')):.4f}, AutoAttack "
@@ -302,6 +308,7 @@ def cmd_score(args) -> int:
     score_report.report(args.dataset, card, reused=not any(m.startswith("scoring ") for m in said))
     _print_verdicts(args.dataset, card["id"])
     score_report.regenerate_figures(args.dataset)
+    score_report.site_notice()
     return EXIT_OK
 
 
@@ -328,8 +335,8 @@ def cmd_verify(args) -> int:
     from salbench.model_zoo import zoo
 
     target = args.target
-    if Path(target).is_file():
-        doc = read_result_file(Path(target))
+    if Path(target).is_symlink() or (Path(target).exists() and not Path(target).is_dir()):
+        doc = read_result_file(Path(target))  # a link, FIFO or device: refused with one line, never read
     else:
         docs = [d for ds in DATASETS for d in list_results(ds) if d["model"].get("id") == target]
         if not docs:
@@ -357,12 +364,34 @@ def cmd_verify(args) -> int:
     checks = B.verify(model, load_imageset(doc["dataset"]), doc, progress=not args.quiet)
     print(B.checks_table(checks))
     bad = [c for c in checks if not c.ok]
+    stored_here = not Path(target).is_file() or _is_stored(doc)
+    if stored_here:  # the board marks (or unmarks) the row: benchmark.provenance
+        from salbench.benchmark.leaderboard import write_leaderboard
+        from salbench.benchmark.provenance import record_verification
+        from salbench.benchmark.store import StoreLock, _committed_images_sha256
+
+        with StoreLock(doc["dataset"]):
+            record_verification(doc, checks, here)
+            write_leaderboard(doc["dataset"], images_sha256=_committed_images_sha256(doc["dataset"]))
     if bad:
         print(f"{len(bad)} of {len(checks)} aggregates outside their band: "
-              + ", ".join(f"{c.method} {c.aggregate}" for c in bad))
+              + ", ".join(f"{c.method} {c.aggregate}" for c in bad)
+              + ("; the row is not marked verified on the board" if stored_here else ""))
         return 1
-    print(f"all {len(checks)} banded aggregates within their band")
+    print(f"all {len(checks)} banded aggregates within their band"
+          + ("; the row is marked verified on the board (run `salbench site` to redraw the site)" if stored_here else ""))
     return EXIT_OK
+
+
+def _is_stored(doc: dict) -> bool:
+    """``doc`` is the result the store holds for its weights (same content digest)."""
+    from salbench.benchmark.results import load_result
+
+    try:
+        held = load_result(doc["dataset"], doc["model"]["sha256"], doc["protocol"])
+    except (KeyError, TypeError, ValueError):
+        return False
+    return held is not None and held.get("digest") == doc.get("digest")
 
 
 def _print_verdicts(dataset: str, model_id: str) -> None:
@@ -427,6 +456,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--placement", type=int, default=None, help="SmoothBlock after stage 1, 2 or 3 (default: recipe)")
     t.add_argument("--seed", type=int, default=0,
                    help="training seed (init, data order, augmentation, PGD starts); ids get -s<seed> when > 0")
+    t.add_argument("--epochs", type=_POSITIVE, default=None, metavar="N",
+                   help="a short (or longer) real run: N epochs instead of the preset's, under its own id "
+                        "(preset name + -e<N>, e.g. fmnist-lenet-A-paper-10ep-e1), so it never replaces the full run")
     t.add_argument("--work-dir", default="runs", help="epoch checkpoints (resumed from)")
     t.add_argument("--out", default=None, help="zoo folder for weights + card (default: the bundled zoo)")
     t.add_argument("--device", type=_device, default="cpu", help="cpu, cuda, cuda:1, ...")
@@ -471,7 +503,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per-channel std the model was trained with (default: the dataset's); with --mean")
     s.add_argument("--claimed-accuracy", type=float, default=None, metavar="ACC",
                    help="natural test accuracy the model is known to reach (fraction or percent), on the card; "
-                        "refused if the measured one is more than 5 points lower (e.g. a wrong normalisation)")
+                        "refused if the one measured on the full test split is more than 0.5 points lower, naming the "
+                        "usual normalisation that fits the claim (e.g. --mean 0.5 --std 0.5)")
     _scoring_args(s)
     s.set_defaults(func=cmd_score)
 

@@ -16,10 +16,16 @@ Backends: gloo for CPU scoring, nccl for CUDA (each process on ``cuda:<LOCAL_RAN
 from __future__ import annotations
 
 import os
+import sys
 from datetime import timedelta
 
-import torch
-import torch.distributed as dist
+# torch is imported on first use: a command that never initialises a process group (`salbench zoo
+# list`, `--help`) starts without it, and a group cannot exist before torch.distributed is imported
+
+
+def _dist():
+    """``torch.distributed`` when it has been imported (else no process group can exist), or None."""
+    return sys.modules.get("torch.distributed")
 
 
 def launched() -> bool:
@@ -38,15 +44,16 @@ def rank_from_env() -> int:
 
 def active() -> bool:
     """True when a process group of more than one process is initialised."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    dist = _dist()
+    return dist is not None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def rank() -> int:
-    return dist.get_rank() if active() else 0
+    return _dist().get_rank() if active() else 0
 
 
 def world_size() -> int:
-    return dist.get_world_size() if active() else 1
+    return _dist().get_world_size() if active() else 1
 
 
 def is_main() -> bool:
@@ -62,7 +69,12 @@ def init(device: str = "cpu", timeout_s: float = 1800.0) -> bool:
     """Initialise the process group from torchrun's environment (no-op outside torchrun, or when it
     is already initialised). Backend gloo for a CPU ``device``, nccl for CUDA (then this process's
     current device is ``cuda:<LOCAL_RANK>``). Returns whether a group of >1 processes is active."""
-    if not launched() or not dist.is_available():
+    if not launched():
+        return False
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_available():
         return False
     if dist.is_initialized():
         return active()
@@ -74,12 +86,15 @@ def init(device: str = "cpu", timeout_s: float = 1800.0) -> bool:
 
 
 def shutdown() -> None:
-    if dist.is_available() and dist.is_initialized():
+    dist = _dist()
+    if dist is not None and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
 
 def device_for(device: str) -> torch.device:
     """The device this rank computes on: a bare ``"cuda"`` becomes ``cuda:<LOCAL_RANK>`` when distributed."""
+    import torch
+
     d = torch.device(device)
     if d.type == "cuda" and d.index is None and active():
         return torch.device("cuda", local_rank())
@@ -96,7 +111,7 @@ def all_gather_object(obj) -> list:
     if not active():
         return [obj]
     out = [None] * world_size()
-    dist.all_gather_object(out, obj)
+    _dist().all_gather_object(out, obj)
     return out
 
 
@@ -105,7 +120,7 @@ def broadcast_object(obj, src: int = 0):
     if not active():
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=src)
+    _dist().broadcast_object_list(box, src=src)
     return box[0]
 
 
@@ -116,4 +131,4 @@ def all_sum(value: int) -> int:
 
 def barrier() -> None:
     if active():
-        dist.barrier()
+        _dist().barrier()

@@ -14,9 +14,13 @@ from torch import Tensor
 from salbench.model_zoo import zoo
 from salbench.model_zoo.data import Split, load_split
 from salbench.model_zoo.datasets import SpecView
+from salbench.model_zoo.safe_files import UnsafeFileError, read_regular
 
 IMAGESETS_DIR = Path(__file__).resolve().parent / "imagesets"
 SET_SIZE = 1000
+# the most bytes an image-set file may hold (read by safe_files.read_regular: never a link, FIFO or
+# device): a committed 1000-image set is about 18 KB, so 16 MiB leaves room for sets ~900x larger
+MAX_IMAGESET_BYTES = 16 << 20
 SELECTION_SEED = 0
 # the zoo's reference N, A and G of each dataset (PROTOCOL §4)
 # variant -> reference zoo id per dataset (the dataset specs, PROTOCOL §4)
@@ -124,7 +128,9 @@ def read_imageset_doc(path: Path) -> dict:
         ImageSetError: naming the file, and the missing or malformed key (or that it is truncated).
     """
     try:
-        raw = path.read_bytes()
+        raw = read_regular(path, max_bytes=MAX_IMAGESET_BYTES, what="image set")
+    except UnsafeFileError as e:
+        raise ImageSetError(str(e)) from None  # a link, FIFO, device or oversize file: never followed or read
     except OSError as e:
         raise ImageSetError(f"image set {path} is unreadable ({e.strerror or e})") from None
     try:
@@ -167,7 +173,7 @@ def load_imageset(
             are not the ones the set was built from.
     """
     path = imageset_path(dataset, directory)
-    if not path.is_file():
+    if not (path.exists() or path.is_symlink()):  # a link, FIFO or device there is named by the read below
         raise ImageSetError(f"no image set for {dataset!r} at {path}; build it with `salbench imageset build --dataset {dataset}`")
     doc = read_imageset_doc(path)
     data = test_split or load_split(dataset, doc["split"], root)

@@ -75,11 +75,17 @@ def _cis(results: list[dict]) -> dict[tuple[str, str], dict]:
 
 
 def leaderboard_tables(results: list[dict], *, stats: bool = True,
-                       autoattack: dict[str, float] | None = None) -> dict[str, pd.DataFrame]:
+                       autoattack: dict[str, float] | None = None,
+                       verifications: dict | None = None) -> dict[str, pd.DataFrame]:
     """Results -> ``{"main", "ssim", "road"}`` DataFrames (no I/O). With ``stats``, every
     aggregate carries its bootstrap interval (``_lo``/``_hi`` columns). ``autoattack``:
-    checkpoint sha256 -> AutoAttack robust accuracy (from the zoo cards), NaN where unknown."""
+    checkpoint sha256 -> AutoAttack robust accuracy (from the zoo cards), NaN where unknown.
+    ``verifications``: the dataset's verification records (``benchmark.provenance``): a row is
+    ``verified`` when one is bound to its result's current digest and its checks hold."""
+    from salbench.benchmark import provenance as PV
+
     autoattack = autoattack or {}
+    verifications = verifications or {}
     rows, ssim_rows, road_rows = [], [], []
     results = sorted(results, key=_row_key)
     cis = _cis(results) if stats else {}
@@ -115,6 +121,8 @@ def leaderboard_tables(results: list[dict], *, stats: bool = True,
                 row["ros_ranked"] = bool(row["ros_nan_fraction"] <= ROS_MAX_NAN_FRACTION)
             plat = r.get("versions", {}).get("platform", {})
             row["platform"] = f"{plat.get('cpu', '?')} / {plat.get('isa', '?')}" if plat else ""
+            row["computed_by"] = PV.computed_by_label(r)
+            row["verified"] = PV.is_verified(r, verifications)
             row.update({"n_images": r["imageset"]["n"], "protocol": r["protocol"], "sha256": m["sha256"],
                         "name": m.get("name") or "", "notes": m.get("notes") or ""})
             rows.append(row)
@@ -575,7 +583,10 @@ def write_leaderboard(dataset: str, *, results_root: Path | None = None, out_dir
         reference_ids = _reference_ids(dataset)
     out = out_dir or leaderboards_dir()
     results = list_results(dataset, root=results_root, images_sha256=images_sha256)
-    tables = leaderboard_tables(results, autoattack=_autoattack_by_sha(dataset))
+    from salbench.benchmark.provenance import read_records
+
+    tables = leaderboard_tables(results, autoattack=_autoattack_by_sha(dataset),
+                                verifications=read_records(dataset, results_root))
     claim_pairs = tuple(dict.fromkeys((c.model, c.reference) for c in C.claims_for(dataset)))
     tables["comparisons"] = comparisons_table(results, reference_ids, claim_pairs)
     tables["variants"] = variants_table(tables["main"])

@@ -74,7 +74,7 @@ def result_path(dataset: str, sha256: str, protocol: str = PROTOCOL_VERSION, roo
 
 _REQUIRED = {"protocol": str, "dataset": str, "imageset": dict, "config": dict, "versions": dict, "device": str,
              "accuracy": dict, "summary": dict, "per_image": dict, "timings": dict}
-_STORED = {"model": dict, "created": str, "identity": str, "digest": str, "band": dict}
+_STORED = {"model": dict, "created": str, "identity": str, "digest": str, "band": dict, "computed_by": dict}
 
 
 @dataclass
@@ -103,6 +103,7 @@ class Result:
     identity: str | None = None
     digest: str | None = None
     band: dict | None = None  # the numerical band (benchmark.bands, PROTOCOL §8.4)
+    computed_by: dict | None = None  # the code and platform that computed it (benchmark.provenance)
 
     @property
     def methods(self) -> list[str]:
@@ -115,7 +116,8 @@ class Result:
     def to_dict(self) -> dict:
         d = {k: getattr(self, k) for k in ("model", "created") if getattr(self, k) is not None}
         d.update({k: getattr(self, k) for k in _REQUIRED})
-        d.update({k: getattr(self, k) for k in ("band", "identity", "digest") if getattr(self, k) is not None})
+        d.update({k: getattr(self, k) for k in ("computed_by", "band", "identity", "digest")
+                  if getattr(self, k) is not None})
         return d
 
     @classmethod

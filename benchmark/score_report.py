@@ -79,3 +79,14 @@ def regenerate_figures(dataset: str, *, lb_dir: Path | None = None, say: Callabl
     if out:
         say("figures: " + ", ".join(str(p) for p in out))
     return out
+
+
+def site_notice(*, lb_dir: Path | None = None, say: Callable[[str], None] = print) -> None:
+    """One line after a submission landed: the static site (``salbench site``) is not redrawn by
+    ``score`` (it takes seconds more and draws the new model's gallery), so say that it is stale and
+    which command redraws it."""
+    site = Path(lb_dir or leaderboards_dir()) / "site" / "index.html"
+    if site.is_file():
+        say(f"site: {site} is stale (it does not show this submission yet); redraw it with `salbench site`")
+    else:
+        say(f"site: none yet at {site.parent}; `salbench site` builds it with this submission")

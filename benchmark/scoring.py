@@ -321,10 +321,13 @@ def _score(model: nn.Module, imageset, cfg: ScoreConfig, device: torch.device, *
     timings["total"] = round(time.perf_counter() - t_start, 3)
     if D.active():
         timings["processes"] = D.world_size()
+    from salbench.benchmark.provenance import computed_by_now
+
+    vers = versions()
     return Result(
         protocol=P.PROTOCOL_VERSION, dataset=imageset.dataset,
         imageset={"images_sha256": imageset.images_sha256, "n": n, "split": imageset.split},
-        config=cfg.to_dict(), versions=versions(),
+        config=cfg.to_dict(), versions=vers, computed_by=computed_by_now(vers),
         device=str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
         accuracy=acc, summary=summary, per_image=per_image, timings=timings)
 

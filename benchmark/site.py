@@ -274,6 +274,11 @@ BOARD_COLUMNS = [
     Column("seed", "seed", digits=0, help="training seed of a zoo model"),
     Column("preset", "preset", "text", help="training recipe preset"),
     Column("source", "source", "text", help="zoo model or submission"),
+    Column("verified", "verified", "text",
+           help="True: `salbench verify` re-scored this result and every headline aggregate came out within its band; "
+                "the record is bound to the result's content (benchmark/provenance.py)"),
+    Column("computed_by", "computed by", "text",
+           help="the code that says it computed the result, or imported (a claim; verified is the check)"),
     Column("notes", "notes", "text", help="the submitter's notes"),
 ]
 

@@ -204,6 +204,16 @@ def _hash_regular(p: Path) -> str | None:
         return h.hexdigest()
 
 
+def _in_folder(target: Path, folder: Path) -> bool:
+    """``target`` names a file directly in ``folder`` (absolute, no ``..``, no link on the way)."""
+    if not target.is_absolute() or ".." in target.parts or folder.is_symlink() or folder.parent.is_symlink():
+        return False
+    if folder.exists():
+        real = _real_folder(folder)
+        return real is not None and target.parent.resolve() == real
+    return target.parent == folder.absolute()
+
+
 def _entry(raw, folders: dict[str, Path], *, staged_needed: bool) -> tuple[Path | None, Path, str]:
     """One journal entry checked: ``[staged, target, sha256]`` (``staged`` None for a removal). The
     target must be a plain file name in one of ``folders`` (reached without links) with a suffix the
@@ -219,9 +229,7 @@ def _entry(raw, folders: dict[str, Path], *, staged_needed: bool) -> tuple[Path 
     staged = Path(paths[0]) if staged_needed else None
     where = None
     for kind, folder in folders.items():
-        real = _real_folder(folder)
-        if real is not None and target.is_absolute() and ".." not in target.parts \
-                and target.parent.resolve() == real and not target.parent.is_symlink():
+        if _in_folder(target, folder):
             where = kind
             break
     if where is None:

@@ -452,8 +452,11 @@ def _versions() -> dict:
 
 
 def _load_result(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
+    from salbench.benchmark.results import MAX_RESULT_BYTES
+    from salbench.model_zoo.safe_files import read_regular
+
+    try:  # a link, FIFO or device (UnsafeFileError, a ValueError) is never followed or read: None
+        return json.loads(read_regular(path, max_bytes=MAX_RESULT_BYTES, what="TDA result"))
     except (OSError, ValueError):
         return None
 

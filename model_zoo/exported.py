@@ -35,6 +35,7 @@ import json
 import math
 import operator
 import re
+import stat
 import warnings
 import zipfile
 from pathlib import Path
@@ -124,6 +125,31 @@ def is_exported_program(path: str | Path) -> bool:
 
 
 # ----------------------------------------------------------------------------- archive
+_DRIVE = re.compile(r"^[A-Za-z]:")
+
+
+def _member_problem(info: zipfile.ZipInfo) -> str | None:
+    """Why an archive member is not one ``torch.export.save`` writes (a plain file, or an empty folder
+    entry, under a relative name), or None. Nothing is ever extracted, but a name with ``..``, an
+    absolute name or a link member says the archive was made to be unpacked somewhere else."""
+    name = info.filename
+    if "\\" in name or "\x00" in name or name.startswith("/") or _DRIVE.match(name):
+        return "has an absolute or non-portable name"
+    parts = name[:-1].split("/") if name.endswith("/") else name.split("/")
+    if any(part in ("", ".", "..") for part in parts):
+        return "has '..', '.' or an empty component in its name"
+    ftype = stat.S_IFMT(info.external_attr >> 16)
+    if ftype == stat.S_IFLNK:
+        return "is a symbolic link"
+    if ftype not in (0, stat.S_IFREG, stat.S_IFDIR):
+        return "is not a file (a device, FIFO or socket entry)"
+    if (ftype == stat.S_IFDIR or info.external_attr & 0x10) and not name.endswith("/"):  # unix / MS-DOS folder
+        return "is a folder entry used as a file"
+    if name.endswith("/") and info.file_size:
+        return "is a folder entry that holds data"
+    return None
+
+
 class _Archive:
     """The members of a torch zip archive, by name relative to its single top-level folder."""
 
@@ -138,6 +164,13 @@ class _Archive:
         if total > limit:
             raise ExportedProgramError(f"{path.name}: its members declare {total} bytes once inflated, more than the "
                                        f"{limit} bytes allowed; refused before reading it")
+        for i in infos:  # before anything else is looked at: names, links, folder entries
+            problem = _member_problem(i)
+            if problem:
+                raise ExportedProgramError(f"{path.name}: archive member {i.filename[:120]!r} {problem}; refused "
+                                           "before reading it (torch.export.save writes plain files under one "
+                                           "folder)")
+        infos = [i for i in infos if not i.filename.endswith("/")]  # empty folder entries hold nothing
         roots = {i.filename.split("/", 1)[0] for i in infos}
         if len(roots) != 1 or any("/" not in i.filename for i in infos):
             raise ExportedProgramError(f"{path.name} is not a torch.export archive (expected one top-level folder, "

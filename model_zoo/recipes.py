@@ -133,12 +133,24 @@ def list_presets(dataset: str | None = None) -> list[str]:
     return sorted(k for k, p in PRESETS.items() if dataset is None or p.dataset == dataset)
 
 
-def get_recipe(dataset: str, preset: str, variant: str, *, placement: int | None = None, seed: int = 0) -> Recipe:
+def get_recipe(dataset: str, preset: str, variant: str, *, placement: int | None = None, seed: int = 0,
+               epochs: int | None = None) -> Recipe:
     """The recipe of (dataset, preset, variant); G/M1/M2 = A + SmoothBlock (PROTOCOL §5).
+
+    ``epochs`` makes a short (or longer) real run of the recipe: when it differs from the preset's
+    epochs for this variant, the recipe's preset becomes ``<preset>-e<epochs>``, so the run's id,
+    epoch checkpoints and card are its own (``fmnist-lenet-A-paper-10ep-e1``; a seed suffix still
+    comes last) and it is never mistaken for, nor overwrites, the preset's full run. The preset's own
+    count is the full run (plain id). Learning-rate milestones (in optimiser steps) stay as they are.
 
     >>> get_recipe("fmnist", "paper", "G").smoothing
     {'filter': 'gaussian', 'placement': 1}
+    >>> r = get_recipe("fmnist", "paper-10ep", "A", epochs=1, seed=2)
+    >>> r.preset, r.epochs, get_recipe("fmnist", "paper-10ep", "A", epochs=10).preset
+    ('paper-10ep-e1', 1, 'paper-10ep')
     """
+    if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1):
+        raise ValueError(f"the number of epochs must be an integer >= 1, got {epochs!r}")
     key = f"{dataset}/{preset}"
     if key not in PRESETS:
         raise ValueError(f"unknown preset {preset!r} for {dataset!r}; known: {', '.join(list_presets(dataset))}")
@@ -150,5 +162,8 @@ def get_recipe(dataset: str, preset: str, variant: str, *, placement: int | None
         raise ValueError(f"--placement applies to SmoothBlock variants (G, M1, M2), not {variant}")
     p = PRESETS[key]
     base = p.natural if variant == "N" else p.adversarial
-    return replace(base, variant=variant, smoothing_filter=VARIANT_FILTER[variant],
-                   smoothing_placement=placement or base.smoothing_placement, seed=seed)
+    recipe = replace(base, variant=variant, smoothing_filter=VARIANT_FILTER[variant],
+                     smoothing_placement=placement or base.smoothing_placement, seed=seed)
+    if epochs is not None and epochs != base.epochs:
+        recipe = replace(recipe, epochs=epochs, preset=f"{preset}-e{epochs}")
+    return recipe

@@ -32,7 +32,8 @@ ROBUST_EVAL_IMAGES = 1000  # PROTOCOL §3: robust accuracy on the first 1000 tes
 def model_id_for(recipe: Recipe) -> str:
     """The zoo id of a recipe: ``<dataset>-<arch>-<variant>-<preset>``, then ``-p<k>`` for a
     SmoothBlock placement other than the preset's and ``-s<seed>`` for a training seed other
-    than 0 (seed 0 keeps the original ids).
+    than 0 (seed 0 keeps the original ids). A short run (``get_recipe(..., epochs=N)``, ``salbench
+    train --epochs N``) has ``-e<N>`` in its preset name, so in its id before any seed suffix.
 
     >>> from model_zoo.recipes import get_recipe
     >>> model_id_for(get_recipe("fmnist", "paper-10ep", "A", seed=1))

@@ -24,16 +24,9 @@ from torch import nn
 
 from salbench.model_zoo.architectures import build
 
-ZOO_DIR = Path(__file__).resolve().parent  # the bundled zoo: cards/ + checkpoints/
-
-
-def zoo_dir() -> Path:
-    """``$SALBENCH_ZOO_DIR`` (a folder with ``cards/`` and ``checkpoints/``) or the bundled zoo."""
-    return Path(os.environ.get("SALBENCH_ZOO_DIR") or ZOO_DIR)
-
-
-def default_cards_dir() -> Path:
-    return zoo_dir() / "cards"
+# the card files (JSON) are read by model_zoo.catalog, which imports no torch (`salbench zoo list`)
+from salbench.model_zoo.catalog import (  # noqa: F401
+    ZOO_DIR, default_cards_dir, get_card, list_cards, read_card, zoo_dir)
 
 CARD_SCHEMA_VERSION = 1
 CARD_FIELDS = (
@@ -45,6 +38,10 @@ CARD_FIELDS = (
 
 class CheckpointError(ValueError):
     """A checkpoint file is unreadable, corrupt, unsafe or does not fit the architecture."""
+
+
+class ArchitectureMismatchError(CheckpointError):
+    """A readable checkpoint whose keys, shapes or tensor kinds do not fit the architecture."""
 
 
 # the most bytes any checkpoint may hold (file size, or declared inflated size of a torch zip) when the
@@ -109,8 +106,12 @@ def open_temp_file(folder: str | os.PathLike, name: str) -> tuple[int, str]:
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` via a temporary file in the same folder and ``os.replace``; the file
-    gets the mode of a normally created one (0666 less the umask)."""
+    gets the mode of a normally created one (0666 less the umask). A ``path`` that is a link, a FIFO, a
+    device or a folder is refused before anything is written (``safe_files.UnsafeFileError``)."""
+    from salbench.model_zoo.safe_files import check_write_target
+
     path = Path(path)
+    check_write_target(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = open_temp_file(path.parent, path.name)
     try:
@@ -331,19 +332,19 @@ def read_checkpoint(
             hint = f" (key maps for {arch}: {', '.join(keymaps.key_maps_for(arch))}; `salbench zoo archs` lists the keys)"
         else:
             hint = " (`salbench zoo archs` lists each architecture's keys)"
-        raise CheckpointError(
+        raise ArchitectureMismatchError(
             f"{Path(path).name} does not fit architecture {arch!r}{hint}: "
             f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
             f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
         )
     bad = [f"{k} {tuple(sd[k].shape)} != {tuple(v.shape)}" for k, v in expected.items() if sd[k].shape != v.shape]
     if bad:
-        raise CheckpointError(f"{Path(path).name} does not fit architecture {arch!r}: shape mismatch {bad[:3]}")
+        raise ArchitectureMismatchError(f"{Path(path).name} does not fit architecture {arch!r}: shape mismatch {bad[:3]}")
     kinds = [f"{k} {sd[k].dtype} (expected {'floating point' if v.is_floating_point() else v.dtype})"
              for k, v in expected.items()
              if (v.is_floating_point() != sd[k].is_floating_point()) or (not v.is_floating_point() and sd[k].dtype == torch.bool)]
     if kinds:
-        raise CheckpointError(f"{Path(path).name} does not fit architecture {arch!r}: dtype mismatch {kinds[:3]}")
+        raise ArchitectureMismatchError(f"{Path(path).name} does not fit architecture {arch!r}: dtype mismatch {kinds[:3]}")
     model.load_state_dict({k: sd[k].to(v.dtype) for k, v in expected.items()}, strict=True)
     return model.eval(), {"key_map": applied}
 
@@ -374,32 +375,7 @@ def set_normalization(model: nn.Module, normalization: dict) -> None:
 
 
 # ----------------------------------------------------------------------------- cards
-def read_card(path: Path) -> dict:
-    """A card file as a dict; a damaged one is a ``ValueError`` that names the file."""
-    try:
-        card = json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"zoo card {path} is unreadable ({e}); restore it from git or delete it") from None
-    if not isinstance(card, dict) or not isinstance(card.get("id"), str):
-        raise ValueError(f"zoo card {path} is not a card (expected a JSON object with an 'id')")
-    return card
-
-
-def list_cards(dataset: str | None = None, cards_dir: Path | None = None) -> list[dict]:
-    cards = []
-    for p in sorted((cards_dir or default_cards_dir()).glob("*.json")):
-        card = read_card(p)
-        if dataset is None or card.get("dataset") == dataset:
-            cards.append(card)
-    return cards
-
-
-def get_card(model_id: str, cards_dir: Path | None = None) -> dict:
-    p = (cards_dir or default_cards_dir()) / f"{model_id}.json"
-    if not p.is_file():
-        known = ", ".join(c["id"] for c in list_cards(cards_dir=cards_dir)) or "none"
-        raise KeyError(f"no zoo card {model_id!r} (known: {known})")
-    return read_card(p)
+# read_card, list_cards, get_card: model_zoo.catalog (imported above)
 
 
 def weights_path(card: dict, cards_dir: Path | None = None) -> Path:

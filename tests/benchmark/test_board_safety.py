@@ -272,9 +272,12 @@ def test_recovery_of_a_journal_whose_staged_files_are_missing_says_so(empty_stor
     present.write_bytes(b"card")
     old = sdir / "fmnist-sub-gone-1234.safetensors"  # an older file, not the staged bytes
     old.write_bytes(b"old weights")
-    _journal(lb, [[str(sdir / ".w.tmp"), str(old), hashlib.sha256(b"new weights").hexdigest()],
-                  [str(sdir / ".c.tmp"), str(present), hashlib.sha256(b"card").hexdigest()],
-                  [str(lb / "results" / "fmnist" / ".r.tmp"), str(lb / "results" / "fmnist" / "r.json")]])
+    # staged files are named as the store names them (.<target>.<random>.tmp) and journalled with their sha256
+    # (issue 28: recovery refuses anything else)
+    _journal(lb, [[str(sdir / f".{old.name}.w.tmp"), str(old), hashlib.sha256(b"new weights").hexdigest()],
+                  [str(sdir / f".{present.name}.c.tmp"), str(present), hashlib.sha256(b"card").hexdigest()],
+                  [str(lb / "results" / "fmnist" / ".r.json.r.tmp"), str(lb / "results" / "fmnist" / "r.json"),
+                   hashlib.sha256(b"result").hexdigest()]])
     done = store.recover("fmnist", lb, say=said.append)
     assert said == done and len(done) == 1
     msg = done[0]

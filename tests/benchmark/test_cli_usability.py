@@ -46,13 +46,13 @@ def test_errors_carry_no_ansi_codes(capsys, monkeypatch):
 
 def test_zoo_list_shows_autoattack_and_the_pgd_gap(capsys, monkeypatch):
     """Issue 11: every card's AutoAttack robust accuracy beside PGD, with the PGD - AutoAttack gap."""
-    from salbench.model_zoo import zoo
+    from salbench.model_zoo import catalog  # the cards' torch-free reader (zoo re-exports it)
 
     cards = [{"id": "x-A", "variant": "A", "preset": "p", "natural_accuracy": 0.8, "robust_accuracy": 0.62,
               "num_params": 10, "autoattack": {"robust_accuracy": 0.59}},
              {"id": "x-G", "variant": "G", "preset": "p", "natural_accuracy": 0.8, "robust_accuracy": 0.6,
               "num_params": 12}]
-    monkeypatch.setattr(zoo, "list_cards", lambda dataset=None, cards_dir=None: cards)
+    monkeypatch.setattr(catalog, "list_cards", lambda dataset=None, cards_dir=None: cards)
     assert cli.main(["zoo", "list"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert "AutoAtt" in out[0] and "PGD-AA" in out[0]
