@@ -412,6 +412,9 @@ def read_result_file(p: Path) -> dict:
         raise StoredResultError(f"stored result {p} is unreadable ({e.strerror or e})") from None
     try:
         doc = json.loads(raw)
+    except UnicodeDecodeError as e:  # a ValueError without .msg/.lineno: named here, never an AttributeError
+        raise StoredResultError(f"stored result {p} is not UTF-8 text (byte {e.start}); it is damaged or not a "
+                                "result file") from None
     except ValueError as e:
         what = "empty" if not raw.strip() else f"not valid JSON ({e.msg} at line {e.lineno} column {e.colno})"
         raise StoredResultError(f"stored result {p} is {what}; probably truncated by a crash") from None

@@ -169,11 +169,13 @@ def test_a_hand_edited_result_is_never_published_and_blocks_no_other_row(env, ca
     assert R.read_result_file(paths["G"])["summary"]["VG"]["gini"] != 0.999
 
 
-@pytest.mark.parametrize("damage", ["empty", "truncated", "not_an_object"])
+@pytest.mark.parametrize("damage", ["empty", "truncated", "not_an_object", "invalid_utf8"])
 def test_an_unreadable_result_is_named_and_blocks_nothing(env, tmp_path, capsys, damage):
     paths = _two_results(env)
     raw = paths["G"].read_bytes()
-    bad = {"empty": b"", "truncated": raw[: len(raw) // 2], "not_an_object": b"[1, 2]"}[damage]
+    bad = {"empty": b"", "truncated": raw[: len(raw) // 2], "not_an_object": b"[1, 2]",
+           # issue 27: invalid UTF-8 used to raise AttributeError and stop the whole regeneration
+           "invalid_utf8": raw[:100] + b"\xff\xfe" + raw[102:]}[damage]
     paths["G"].write_bytes(bad)
     capsys.readouterr()
     harness.regenerate("fmnist", images_sha256=env["imageset"].images_sha256)
