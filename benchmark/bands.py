@@ -82,21 +82,24 @@ def _diff(a: float, b: float) -> float:
     return abs(a - b)
 
 
-def _rescore(model: nn.Module, imageset, cfg: ScoreConfig, *, dtype=None, progress: bool) -> dict:
-    return score(model, imageset, replace(cfg, accuracy=False), progress=progress, dtype=dtype).to_dict()
+def _rescore(model: nn.Module, imageset, cfg: ScoreConfig, *, dtype=None, progress: bool, deadline=None) -> dict:
+    return score(model, imageset, replace(cfg, accuracy=False), progress=progress, dtype=dtype,
+                 deadline=deadline).to_dict()
 
 
-def numerical_band(model: nn.Module, imageset, doc: dict, *, float64: bool = True, progress: bool = True) -> dict:
+def numerical_band(model: nn.Module, imageset, doc: dict, *, float64: bool = True, progress: bool = True,
+                   deadline=None) -> dict:
     """The ``band`` block of a result: the one-ulp (and, with ``float64`` and a castable model, the
     float64) re-scores' banded aggregates and, per method and aggregate, the band (largest
     |difference| from the stored value). ``doc`` is the stored result of ``model``'s weights."""
     t0 = time.perf_counter()
     cfg = config_of(doc)
     stored = point_values(doc)
-    rescored = {"ulp": point_values(_rescore(ulp_model(model), imageset, cfg, progress=progress))}
+    rescored = {"ulp": point_values(_rescore(ulp_model(model), imageset, cfg, progress=progress, deadline=deadline))}
     m64 = float64_model(model) if float64 else None
     if m64 is not None:
-        rescored["float64"] = point_values(_rescore(m64, imageset, cfg, dtype=torch.float64, progress=progress))
+        rescored["float64"] = point_values(_rescore(m64, imageset, cfg, dtype=torch.float64, progress=progress,
+                                                     deadline=deadline))
     band = {m: {k: max(_diff(v, r[m][k]) for r in rescored.values()) for k, v in vals.items()}
             for m, vals in stored.items()}
     return {"kinds": list(rescored), "band": band, "rescored": rescored, "seconds": round(time.perf_counter() - t0, 1)}

@@ -70,6 +70,19 @@ _THREADS = _int_at_least(1, 1024)
 _POSITIVE = _int_at_least(1)
 
 
+def _positive_seconds(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not (v > 0 and v < float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return v
+
+
+_POSITIVE_SECONDS = _positive_seconds
+
+
 def _threads(n: int | None) -> None:
     if n:
         import torch
@@ -212,7 +225,7 @@ def cmd_leaderboard(args) -> int:
 
     only = [i for part in args.only for i in part.split(",") if i] if getattr(args, "only", None) else None
     score_zoo(args.dataset, rescore=args.rescore, config=_config(args), progress=not args.quiet, only=only,
-              band=not args.no_band)
+              band=not args.no_band, time_limit=args.time_limit)
     if _is_main():
         _print_table(args.dataset)
     return EXIT_OK
@@ -291,7 +304,7 @@ def cmd_score(args) -> int:
                            progress=not args.quiet, notify=notify,
                            normalization={"mean": args.mean, "std": args.std} if args.mean is not None else None,
                            state_key=args.state_key, key_map=args.key_map, claimed_accuracy=args.claimed_accuracy,
-                           band=not args.no_band)
+                           band=not args.no_band, time_limit=args.time_limit)
     except SubmissionError as e:
         if _is_main():
             print(f"salbench: rejected: {_plain(str(e))}", file=sys.stderr)
@@ -425,6 +438,9 @@ def _scoring_args(p) -> None:
     p.add_argument("--rescore", action="store_true", help="ignore cached results and score again")
     p.add_argument("--no-band", action="store_true",
                    help="skip the numerical band (PROTOCOL §8.4: one-ulp and float64 re-scores, ~2x the scoring time)")
+    p.add_argument("--time-limit", type=_POSITIVE_SECONDS, default=None, metavar="SECONDS",
+                   help="wall-clock budget of each model's scoring and band: past it the run stops, nothing is "
+                        "written for that model, and the message says how far it got (default: no limit)")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--procs", type=_POSITIVE, default=argparse.SUPPRESS, metavar="K",
                    help="score on K processes through torch's launcher (torch.distributed.run, standalone), "
@@ -686,6 +702,12 @@ def _launch(argv: list[str], procs: int, threads: int | None) -> int:
     return EXIT_OK
 
 
+def _time_limit_error() -> type:
+    from salbench.benchmark.progress import TimeLimitExceeded  # no torch import
+
+    return TimeLimitExceeded
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -716,7 +738,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except (ValueError, KeyError, FileNotFoundError) as e:
+    except (ValueError, KeyError, FileNotFoundError, _time_limit_error()) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         if _is_main():
             print(f"salbench: error: {_plain(str(msg))}", file=sys.stderr)

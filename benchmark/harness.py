@@ -12,6 +12,7 @@ from salbench.benchmark import results as R
 from salbench.benchmark import submit as S
 from salbench.benchmark.imagesets import load_imageset
 from salbench.benchmark.leaderboard import write_leaderboard
+from salbench.benchmark.progress import Deadline
 from salbench.benchmark.scoring import ScoreConfig, resolve_config, score
 from salbench.benchmark.store import StoreLock, check_writable, commit_submission
 from salbench.model_zoo import zoo
@@ -62,7 +63,8 @@ def _cached(dataset: str, sha256: str, config: ScoreConfig, imageset, results_ro
 def score_zoo(dataset: str, *, rescore: bool = False, config: ScoreConfig = ScoreConfig(), progress: bool = True,
               results_root: Path | None = None, out_dir: Path | None = None, cards_dir: Path | None = None,
               imageset=None, test_split=None, only: list[str] | None = None,
-              notify: Callable[[str], None] | None = None, band: bool = True) -> list[dict]:
+              notify: Callable[[str], None] | None = None, band: bool = True,
+              time_limit: float | None = None) -> list[dict]:
     """Ensure a result for every zoo model of ``dataset`` (score where missing or ``rescore``),
     then regenerate the leaderboard. Returns the results. ``only``: these zoo ids, all known
     (``ValueError`` before anything is loaded or written otherwise).
@@ -79,7 +81,10 @@ def score_zoo(dataset: str, *, rescore: bool = False, config: ScoreConfig = Scor
     is left out with one warning; a results folder reached through a link is refused before any work.
 
     With ``band`` (default), a result without its numerical band (PROTOCOL §8.4: one-ulp and float64
-    re-scores with the same draws, ``benchmark.bands``) gets one, stored in the result."""
+    re-scores with the same draws, ``benchmark.bands``) gets one, stored in the result.
+
+    ``time_limit`` (seconds, ``--time-limit``): the budget of each model's scoring and band; past it
+    :class:`~salbench.benchmark.progress.TimeLimitExceeded` (the models finished before are stored)."""
     say = _notifier(notify, progress)
     cards = zoo_cards(dataset, cards_dir)
     unknown = [i for i in only or [] if i not in {c["id"] for c in cards}]
@@ -105,9 +110,10 @@ def score_zoo(dataset: str, *, rescore: bool = False, config: ScoreConfig = Scor
                 R.warn(f"{e}; {R.LEFT_OUT}")
             continue
         model = None
+        deadline = Deadline(time_limit)
         if res is None:
             model = zoo.load(card["id"], cards_dir=cards_dir)
-            res = score(model, imageset, config, test_split=test_split, progress=progress).to_dict()
+            res = score(model, imageset, config, test_split=test_split, progress=progress, deadline=deadline).to_dict()
             say(f"  done in {res['timings']['total']:.1f} s"
                 + (f" on {D.world_size()} processes" if D.active() else ""))
             res.pop("band", None)
@@ -115,7 +121,7 @@ def score_zoo(dataset: str, *, rescore: bool = False, config: ScoreConfig = Scor
         if band and not res.get("band"):
             model = model or zoo.load(card["id"], cards_dir=cards_dir)
             say(f"numerical band of {card['id']} (one-ulp and float64 re-scores) ...")
-            res["band"] = B.numerical_band(model, imageset, res, float64=True, progress=progress)
+            res["band"] = B.numerical_band(model, imageset, res, float64=True, progress=progress, deadline=deadline)
             say(f"  done in {res['band']['seconds']:.1f} s")
             _save(dataset, res, card, results_root, out_dir)
         out.append(res)
@@ -141,7 +147,8 @@ def submit(path: str | Path, *, arch: str | None, dataset: str, name: str, notes
            results_root: Path | None = None, out_dir: Path | None = None, submissions_dir: Path | None = None,
            imageset=None, test_split=None, notify: Callable[[str], None] | None = None,
            normalization: dict | None = None, state_key: str | None = None, key_map: str | None = "auto",
-           claimed_accuracy: float | None = None, band: bool = True) -> tuple[dict, dict]:
+           claimed_accuracy: float | None = None, band: bool = True,
+           time_limit: float | None = None) -> tuple[dict, dict]:
     """Validate, score and add a submitted checkpoint to the leaderboard. Nothing is written
     unless validation and scoring both succeed.
 
@@ -149,8 +156,11 @@ def submit(path: str | Path, *, arch: str | None, dataset: str, name: str, notes
     stored result) are refused with ``SubmissionError`` naming that id; resubmitting under the same
     name updates the entry. A stored result of the same identity is re-used (announced through
     ``notify``; default: printed when ``progress``). With ``band`` (default) the result gets its
-    numerical band (PROTOCOL §8.4): the one-ulp re-score, plus float64 where the model can be cast."""
+    numerical band (PROTOCOL §8.4): the one-ulp re-score, plus float64 where the model can be cast.
+    ``time_limit`` (seconds): the budget of scoring and band; past it nothing is written
+    (:class:`~salbench.benchmark.progress.TimeLimitExceeded`)."""
     say = _notifier(notify, progress)
+    deadline = Deadline(time_limit)
     # validate first: a rejected file costs no data loading and writes nothing
     model, card, payload = S.prepare_submission(path, arch=arch, dataset=dataset, name=name, notes=notes,
                                                 smoothing=S.parse_smoothing(smoothing),
@@ -170,10 +180,10 @@ def submit(path: str | Path, *, arch: str | None, dataset: str, name: str, notes
                       function=R.function_fields(card))
     if res is None:
         S.check_not_degenerate(model, imageset, resolve_config(config, dataset), name=Path(path).name)
-        res = score(model, imageset, config, test_split=test_split, progress=progress).to_dict()
+        res = score(model, imageset, config, test_split=test_split, progress=progress, deadline=deadline).to_dict()
     if band and not res.get("band"):
         say("numerical band (one-ulp re-score, and float64 where the model can be cast) ...")
-        res["band"] = B.numerical_band(model, imageset, res, float64=True, progress=progress)
+        res["band"] = B.numerical_band(model, imageset, res, float64=True, progress=progress, deadline=deadline)
     card["natural_accuracy"] = res["accuracy"].get("natural")
     card["robust_accuracy"] = res["accuracy"].get("robust")
     card["robust_protocol"] = res["accuracy"].get("robust_protocol", {})

@@ -26,6 +26,7 @@ from salbench import metrics
 from salbench.metrics import protocol as P
 from salbench.benchmark import distributed as D
 from salbench.benchmark.metric_registry import METRICS, Batch, MetricSpec, get_metric, stack_batches
+from salbench.benchmark.progress import StageClock, format_seconds, stage_work
 from salbench.benchmark.results import Result
 from salbench.model_zoo.attacks import natural_correct, robust_correct
 from salbench.model_zoo.data import Split
@@ -213,6 +214,7 @@ def score(
     test_split: Split | None = None,
     progress: bool = True,
     dtype: torch.dtype | None = None,
+    deadline=None,
 ) -> Result:
     """Score ``model`` on ``imageset`` (a ``benchmark.imagesets.ImageSet``) with every method of
     ``config`` and every registered metric (``benchmark.metric_registry``).
@@ -237,6 +239,11 @@ def score(
     ``dtype`` (default: the images' float32) casts the images, and the caller casts the model: the
     float64 re-score of the numerical band (PROTOCOL §8.4, ``benchmark.bands``). It is not part of
     the config: a float64 score is a band measurement, never a stored result.
+
+    ``deadline`` (a :class:`benchmark.progress.Deadline`, ``--time-limit``): checked after every stage;
+    past it :class:`~salbench.benchmark.progress.TimeLimitExceeded` says how far the run got (nothing
+    is written by this function in any case). Under torch.distributed it is not checked (a rank that
+    stopped alone would leave the others waiting).
     """
     cfg = resolve_config(config, imageset.dataset)
     device = D.device_for(cfg.device)
@@ -246,7 +253,8 @@ def score(
         model = model.to(device).eval()
         for p in model.parameters():
             p.requires_grad_(False)
-        return _score(model, imageset, cfg, device, test_split=test_split, progress=progress, dtype=dtype)
+        return _score(model, imageset, cfg, device, test_split=test_split, progress=progress, dtype=dtype,
+                      deadline=None if D.active() else deadline)
     finally:
         state.restore(model)
 
@@ -277,7 +285,7 @@ class _ModelState:
 
 
 def _score(model: nn.Module, imageset, cfg: ScoreConfig, device: torch.device, *, test_split: Split | None,
-           progress: bool, dtype: torch.dtype | None = None) -> Result:
+           progress: bool, dtype: torch.dtype | None = None, deadline=None) -> Result:
     n = len(imageset)
     t_start = time.perf_counter()
     timer = _Timer(device)
@@ -287,8 +295,18 @@ def _score(model: nn.Module, imageset, cfg: ScoreConfig, device: torch.device, *
     mine = set(D.my_batches(nb))  # all batches in one process; r, r + K, ... on rank r of K
     # one tick per (batch, method, stage): an IG stage at CIFAR/ImageNette size takes minutes on a CPU
     stages = ("attribution", *(s.name for s in specs))
-    bar = tqdm(total=len(mine) * len(cfg.methods) * len(stages), desc=f"scoring {imageset.dataset}",
-               disable=not progress, leave=False, unit="stage")
+    total = len(mine) * len(cfg.methods) * len(stages)
+    # the bar counts stages; the time left comes from the stage cost model (benchmark.progress), not
+    # from tqdm's stages-per-second (stages differ in cost by orders of magnitude)
+    bar = tqdm(total=total, desc=f"scoring {imageset.dataset}", disable=not progress, leave=False, unit="stage",
+               bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} stages [{elapsed}{postfix}]")
+    clock = StageClock(
+        grid=[(min(cfg.batch_size, n - b * cfg.batch_size), m, st) for b in sorted(mine) for m in cfg.methods
+              for st in stages],
+        work={(m, st): stage_work(st, method=m, ig_steps=cfg.ig_steps, n_sigmas=len(cfg.sigmas),
+                                  ros_samples=cfg.ros_samples, road_levels=len(cfg.road_percentages))
+              for m in cfg.methods for st in stages})
+    seen: dict[str, float] = {}
     parts: dict[int, tuple] = {}  # first image of a batch -> (correct, {method: {metric: {field: values}}})
     for start, x, y in imageset.batches(cfg.batch_size):
         b = start // cfg.batch_size
@@ -296,8 +314,16 @@ def _score(model: nn.Module, imageset, cfg: ScoreConfig, device: torch.device, *
             continue
 
         def step(m: str, stage: str) -> None:
-            bar.set_postfix_str(f"batch {b + 1}/{nb} {m} {stage} done", refresh=False)
+            if clock.forward_per_image is None:
+                clock.forward(timer.seconds.get("forward", 0.0), len(x))
+            key = f"{m}/{stage}"
+            clock.done(timer.seconds.get(key, 0.0) - seen.get(key, 0.0))
+            seen[key] = timer.seconds.get(key, 0.0)
+            bar.set_postfix_str(f"batch {b + 1}/{nb} {m} {stage} done, about {format_seconds(clock.remaining())} left",
+                                refresh=False)
             bar.update(1)
+            if deadline is not None:
+                deadline.check(f"after {clock.position} of {total} scoring stages (batch {b + 1}/{nb}, {m} {stage})")
 
         parts[start] = score_batch(model, x.to(device, dtype), y.to(device), cfg, explainers, specs, start=start,
                                    timer=timer, on_stage=step)
@@ -312,6 +338,8 @@ def _score(model: nn.Module, imageset, cfg: ScoreConfig, device: torch.device, *
     metrics_seconds = time.perf_counter() - t_start
 
     acc = {"on_set": float(correct.float().mean())}
+    if deadline is not None:
+        deadline.check(f"after all {total} scoring stages, before the accuracy passes")
     if cfg.accuracy and test_split is not None:
         acc.update(measure_accuracy(model, test_split, imageset.dataset, timer=timer, progress=progress))
     timings = timer.gathered()
