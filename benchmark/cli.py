@@ -71,16 +71,80 @@ _POSITIVE = _int_at_least(1)
 
 
 def _positive_seconds(text: str) -> float:
+    """A number of seconds > 0, or 0 / ``none`` for no limit (returned as 0.0)."""
+    if text.strip().lower() in ("none", "0"):
+        return 0.0
     try:
         v = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected a number of seconds (or none), got {text!r}") from None
     if not (v > 0 and v < float("inf")):
-        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, or 0 / none for no limit, got {text!r}")
     return v
 
 
 _POSITIVE_SECONDS = _positive_seconds
+
+
+def _positive_float(text: str) -> float:
+    """An argparse type: a finite number > 0."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (0 < v < float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return v
+
+
+_LIST_ITEM = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:=+-]*$")
+
+
+def _comma_list(text: str, what: str, check_chars: bool = True) -> list[str]:
+    """The items of a comma-separated list option; empty or malformed lists are usage errors."""
+    items = [t.strip() for t in text.split(",")]
+    if not text.strip() or all(not t for t in items):
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of {what}, got {text!r} (empty)")
+    if any(not t for t in items):
+        raise argparse.ArgumentTypeError(f"{text!r} has an empty item (two commas in a row, or a comma at an end)")
+    bad = [t for t in items if check_chars and not _LIST_ITEM.match(t)]
+    if bad:
+        raise argparse.ArgumentTypeError(f"{bad[0]!r} in {text!r} is not one of {what} (letters, digits, '_', '-', '.')")
+    dup = sorted({t for t in items if items.count(t) > 1})
+    if dup:
+        raise argparse.ArgumentTypeError(f"{text!r} names {dup[0]!r} more than once")
+    return items
+
+
+def _methods(text: str) -> str:
+    """An argparse type: comma-separated registered attribution methods (returned normalised)."""
+    items = _comma_list(text, "attribution methods", check_chars=False)  # any registered name
+    from salbench.benchmark.scoring import EXPLAINERS  # the registry: imported only for a well-formed list
+
+    unknown = [m for m in items if m not in EXPLAINERS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown attribution method {unknown[0]!r}; registered: "
+                                         f"{', '.join(EXPLAINERS)}")
+    return ",".join(items)
+
+
+_methods.__name__ = "methods"
+
+
+def _ids(text: str) -> str:
+    """An argparse type: comma-separated ids (returned normalised; unknown ids are said later)."""
+    return ",".join(_comma_list(text, "ids"))
+
+
+_ids.__name__ = "ids"
+
+
+def _ref(text: str) -> str:
+    """An argparse type: VARIANT=ID."""
+    variant, eq, mid = (t.strip() for t in text.partition("="))
+    if not eq or not _LIST_ITEM.match(variant) or not _LIST_ITEM.match(mid):
+        raise argparse.ArgumentTypeError(f"expected VARIANT=ID (e.g. N=fmnist-lenet-N-paper), got {text!r}")
+    return f"{variant}={mid}"
 
 
 def _threads(n: int | None) -> None:
@@ -297,14 +361,19 @@ def cmd_score(args) -> int:
     if (args.mean is None) != (args.std is None):
         print("salbench: rejected: --mean and --std go together (one value per input channel each)", file=sys.stderr)
         return EXIT_BAD_INPUT
+    from salbench.model_zoo.exported import limits as exported_limits
+
     try:
         # whether a stored result is re-used (and when it was scored) or why it is scored: always said
-        card, res = submit(args.file, arch=args.arch, dataset=args.dataset, name=args.name, notes=args.notes,
-                           smoothing=args.smoothing, rescore=args.rescore, config=_config(args),
-                           progress=not args.quiet, notify=notify,
-                           normalization={"mean": args.mean, "std": args.std} if args.mean is not None else None,
-                           state_key=args.state_key, key_map=args.key_map, claimed_accuracy=args.claimed_accuracy,
-                           band=not args.no_band, time_limit=args.time_limit)
+        with exported_limits(max_nodes=args.max_nodes, max_tensor_bytes=args.max_tensor_bytes,
+                             max_gflops_per_image=args.max_gflops_per_image):  # caps of a .pt2 program
+            card, res = submit(args.file, arch=args.arch, dataset=args.dataset, name=args.name, notes=args.notes,
+                               smoothing=args.smoothing, rescore=args.rescore, config=_config(args),
+                               progress=not args.quiet, notify=notify,
+                               normalization={"mean": args.mean, "std": args.std} if args.mean is not None else None,
+                               state_key=args.state_key, key_map=args.key_map,
+                               claimed_accuracy=args.claimed_accuracy, band=not args.no_band,
+                               time_limit=args.time_limit)
     except SubmissionError as e:
         if _is_main():
             print(f"salbench: rejected: {_plain(str(e))}", file=sys.stderr)
@@ -432,7 +501,7 @@ def _scoring_args(p) -> None:
     p.add_argument("--device", type=_device, default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--batch-size", type=_POSITIVE, default=None,
                    help="images per scoring batch (default: 250 for fmnist and cifar10, 16 for imagenette)")
-    p.add_argument("--methods", default=None,
+    p.add_argument("--methods", type=_methods, default=None,
                    help="comma-separated attribution methods: VG, IG, or any registered with "
                         "salbench.benchmark.scoring.register_explainer (default: VG,IG)")
     p.add_argument("--rescore", action="store_true", help="ignore cached results and score again")
@@ -440,7 +509,10 @@ def _scoring_args(p) -> None:
                    help="skip the numerical band (PROTOCOL §8.4: one-ulp and float64 re-scores, ~2x the scoring time)")
     p.add_argument("--time-limit", type=_POSITIVE_SECONDS, default=None, metavar="SECONDS",
                    help="wall-clock budget of each model's scoring and band: past it the run stops, nothing is "
-                        "written for that model, and the message says how far it got (default: no limit)")
+                        "written for that model, and the message says how far it got (default: max(4x, +15 min) "
+                        "of the cost estimate printed before scoring; 0 or none: no limit)")
+    p.add_argument("--recalibrate", action="store_true",
+                   help="time this machine again for the cost estimate (benchmark/cost.py; cached per machine)")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--procs", type=_POSITIVE, default=argparse.SUPPRESS, metavar="K",
                    help="score on K processes through torch's launcher (torch.distributed.run, standalone), "
@@ -448,7 +520,7 @@ def _scoring_args(p) -> None:
 
 
 def _only_arg(p) -> None:
-    p.add_argument("--only", action="append", metavar="ID[,ID]",
+    p.add_argument("--only", action="append", type=_ids, metavar="ID[,ID]",
                    help="score only these zoo ids (the leaderboard still lists every cached result); "
                         "separate processes may score different ids at once")
 
@@ -488,7 +560,8 @@ def build_parser() -> argparse.ArgumentParser:
     isub = i.add_subparsers(dest="imageset_command", required=True)
     ib = isub.add_parser("build", help="select the 1000 images every reference N/A/G model classifies correctly")
     ib.add_argument("--dataset", required=True, choices=DATASETS)
-    ib.add_argument("--ref", action="append", help="override a reference model, e.g. --ref N=fmnist-lenet-N-paper")
+    ib.add_argument("--ref", action="append", type=_ref,
+                    help="override a reference model, e.g. --ref N=fmnist-lenet-N-paper")
     ib.add_argument("--n", type=_POSITIVE, default=1000)
     iv = isub.add_parser("verify", help="check the committed set against the data files and the zoo")
     iv.add_argument("--dataset", required=True, choices=DATASETS)
@@ -521,6 +594,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="natural test accuracy the model is known to reach (fraction or percent), on the card; "
                         "refused if the one measured on the full test split is more than 0.5 points lower, naming the "
                         "usual normalisation that fits the claim (e.g. --mean 0.5 --std 0.5)")
+    caps = "a .pt2 program over it is refused before it runs (README 'Any architecture: export it')"
+    s.add_argument("--max-nodes", type=_POSITIVE, default=None, metavar="N",
+                   help=f"cap on the operator nodes of an exported program (default: 10000); {caps}")
+    s.add_argument("--max-tensor-bytes", type=_POSITIVE, default=None, metavar="BYTES",
+                   help=f"cap on any single tensor an exported program makes for one image (default: 1073741824, "
+                        f"1 GiB); {caps}")
+    s.add_argument("--max-gflops-per-image", type=_positive_float, default=None, metavar="G",
+                   help=f"cap on an exported program's estimated forward FLOPs per image, in GFLOPs (default: 50); "
+                        f"{caps}")
     _scoring_args(s)
     s.set_defaults(func=cmd_score)
 
@@ -583,7 +665,7 @@ def build_parser() -> argparse.ArgumentParser:
     zaa = zsub.add_parser("autoattack", help="AutoAttack (standard, L-inf) robust accuracy onto zoo cards",
                           description=cmd_zoo_autoattack.__doc__)
     zaa.add_argument("--dataset", default=None, choices=DATASETS)
-    zaa.add_argument("--only", action="append", metavar="ID[,ID]", help="only these zoo ids")
+    zaa.add_argument("--only", action="append", type=_ids, metavar="ID[,ID]", help="only these zoo ids")
     zaa.add_argument("--force", action="store_true", help="recompute where a card already has a number")
     zaa.add_argument("--quiet", action="store_true")
     zaa.set_defaults(func=cmd_zoo_autoattack)
@@ -733,6 +815,10 @@ def main(argv: list[str] | None = None) -> int:
     _threads(args.threads)
     if args.command in DISTRIBUTED_COMMANDS:
         D.init(getattr(args, "device", "cpu"))
+    if getattr(args, "recalibrate", False) and _is_main():
+        from salbench.benchmark.cost import calibrate
+
+        calibrate(getattr(args, "device", "cpu"), force=True, say=lambda m: print(m, flush=True))
     try:
         return args.func(args)
     except KeyboardInterrupt:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Callable
 
 from salbench.benchmark import bands as B
+from salbench.benchmark import cost as C
 from salbench.benchmark import distributed as D
 from salbench.benchmark import results as R
 from salbench.benchmark import submit as S
@@ -84,7 +85,9 @@ def score_zoo(dataset: str, *, rescore: bool = False, config: ScoreConfig = Scor
     re-scores with the same draws, ``benchmark.bands``) gets one, stored in the result.
 
     ``time_limit`` (seconds, ``--time-limit``): the budget of each model's scoring and band; past it
-    :class:`~salbench.benchmark.progress.TimeLimitExceeded` (the models finished before are stored)."""
+    :class:`~salbench.benchmark.progress.TimeLimitExceeded` (the models finished before are stored). Before a
+    model is scored its cost estimate is said (``benchmark.cost``); without ``time_limit`` the budget is
+    ``max(4 x estimate, estimate + 15 min)``, and 0 means no limit."""
     say = _notifier(notify, progress)
     cards = zoo_cards(dataset, cards_dir)
     unknown = [i for i in only or [] if i not in {c["id"] for c in cards}]
@@ -110,9 +113,13 @@ def score_zoo(dataset: str, *, rescore: bool = False, config: ScoreConfig = Scor
                 R.warn(f"{e}; {R.LEFT_OUT}")
             continue
         model = None
-        deadline = Deadline(time_limit)
-        if res is None:
+        deadline = Deadline(C.explicit_limit(time_limit))
+        need_band = band and not (res or {}).get("band")
+        if res is None or need_band:  # the cost estimate, said before anything runs; the default time limit
             model = zoo.load(card["id"], cards_dir=cards_dir)
+            deadline.limit = _plan(model, dataset, config, imageset, test_split, score=res is None, band=need_band,
+                                   time_limit=time_limit, say=say)
+        if res is None:
             res = score(model, imageset, config, test_split=test_split, progress=progress, deadline=deadline).to_dict()
             say(f"  done in {res['timings']['total']:.1f} s"
                 + (f" on {D.world_size()} processes" if D.active() else ""))
@@ -128,6 +135,16 @@ def score_zoo(dataset: str, *, rescore: bool = False, config: ScoreConfig = Scor
     if D.is_main():
         regenerate(dataset, results_root=results_root, out_dir=out_dir, images_sha256=imageset.images_sha256)
     return out
+
+
+def _plan(model, dataset: str, config: ScoreConfig, imageset, test_split, *, score: bool, band: bool,
+          time_limit: float | None, say: Callable[[str], None]) -> float | None:
+    """The cost estimate line (``benchmark.cost``; rank 0 alone under torch.distributed, where the time
+    limit is not checked) and the run's time limit: ``time_limit``, or from the estimate when None."""
+    if not D.is_main():
+        return C.explicit_limit(time_limit)
+    return C.plan(model, dataset, config, imageset=imageset, test_split=test_split, score=score, band=band,
+                  time_limit=time_limit, say=say, processes=D.world_size() if D.active() else 1)
 
 
 def _save(dataset: str, res: dict, card: dict, results_root: Path | None, out_dir: Path | None) -> None:
@@ -158,9 +175,11 @@ def submit(path: str | Path, *, arch: str | None, dataset: str, name: str, notes
     ``notify``; default: printed when ``progress``). With ``band`` (default) the result gets its
     numerical band (PROTOCOL §8.4): the one-ulp re-score, plus float64 where the model can be cast.
     ``time_limit`` (seconds): the budget of scoring and band; past it nothing is written
-    (:class:`~salbench.benchmark.progress.TimeLimitExceeded`)."""
+    (:class:`~salbench.benchmark.progress.TimeLimitExceeded`). Before scoring the cost estimate is said
+    (``benchmark.cost``); without ``time_limit`` the budget is ``max(4 x estimate, estimate + 15 min)``, and 0
+    means no limit."""
     say = _notifier(notify, progress)
-    deadline = Deadline(time_limit)
+    deadline = Deadline(C.explicit_limit(time_limit))  # None: set from the cost estimate below
     # validate first: a rejected file costs no data loading and writes nothing
     model, card, payload = S.prepare_submission(path, arch=arch, dataset=dataset, name=name, notes=notes,
                                                 smoothing=S.parse_smoothing(smoothing),
@@ -178,6 +197,10 @@ def submit(path: str | Path, *, arch: str | None, dataset: str, name: str, notes
     else:
         res = _cached(dataset, card["sha256"], config, imageset, results_root, say, card["id"],
                       function=R.function_fields(card))
+    need_band = band and not (res or {}).get("band")
+    if res is None or need_band:  # the cost estimate, said before anything runs; the default time limit
+        deadline.limit = _plan(model, dataset, config, imageset, test_split, score=res is None, band=need_band,
+                               time_limit=time_limit, say=say)
     if res is None:
         S.check_not_degenerate(model, imageset, resolve_config(config, dataset), name=Path(path).name)
         res = score(model, imageset, config, test_split=test_split, progress=progress, deadline=deadline).to_dict()

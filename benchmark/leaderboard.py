@@ -428,10 +428,13 @@ def _plain_answer(test, status: str) -> str:
     if status.startswith("consistent"):
         return status
     power = RS.format_row(test)["seeds_80"]
+    m = re.search(r"of the pre-registered (\d+)\)", status)
+    # an interim look (fewer seeds than pre-registered) is said to be one: the pre-registered test is at k = n
+    interim = f" so far ({test.k} of the {m.group(1)} pre-registered seeds)" if m else ""
     if status.startswith("holds"):
-        return "**yes**" + (": G is better" if test.kind == "superiority" else ": G stays within the margin")
+        return "**yes**" + interim + (": G is better" if test.kind == "superiority" else ": G stays within the margin")
     if status.startswith("fails"):
-        return "**no**" + (": G is worse" if test.kind == "superiority" else ": G loses more than the margin")
+        return "**no**" + interim + (": G is worse" if test.kind == "superiority" else ": G loses more than the margin")
     more = f"; about {power} seeds would give 80% power" if power.isdigit() else ""
     return f"**not decided** with {test.k} seeds{more}"
 
