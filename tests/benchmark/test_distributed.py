@@ -155,8 +155,10 @@ def test_a_killed_rank_fails_the_run_and_nothing_is_written(env):
     vars_ = {**os.environ, "SALBENCH_ZOO_DIR": str(env["zoo"]), "SALBENCH_IMAGESETS_DIR": str(env["sets"]),
              "SALBENCH_LEADERBOARDS_DIR": str(env["lb"]),
              "SALBENCH_ALLOW_OVERSUBSCRIBE": "1"}  # 2 processes also on a 1-core machine
+    # --no-band: the kill and the rerun are what is tested here (bands: test_bands.py); the band's two
+    # re-scores would triple the rerun's time
     p = subprocess.Popen([sys.executable, "-m", "salbench.benchmark.cli", "--procs", "2", "--threads", "1",
-                          "leaderboard", "--dataset", "fmnist", "--batch-size", "15", "--quiet"],
+                          "leaderboard", "--dataset", "fmnist", "--batch-size", "15", "--quiet", "--no-band"],
                          cwd=REPO, env=vars_, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         pid, deadline = None, time.monotonic() + 60
@@ -176,7 +178,7 @@ def test_a_killed_rank_fails_the_run_and_nothing_is_written(env):
     assert not (env["lb"] / "fmnist.csv").exists()
     # the rerun (nobody killed) succeeds and writes the board
     rerun = subprocess.run([sys.executable, "-m", "salbench.benchmark.cli", "--procs", "2", "--threads", "1",
-                            "leaderboard", "--dataset", "fmnist", "--batch-size", "15", "--quiet"],
+                            "leaderboard", "--dataset", "fmnist", "--batch-size", "15", "--quiet", "--no-band"],
                            cwd=REPO, env=vars_, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert (env["lb"] / "fmnist.csv").is_file() and list((env["lb"] / "results").glob("**/*.json"))
