@@ -4,6 +4,10 @@ call after call; resource bombs (a huge tensor, a FLOP chain, a node flood, unbo
 arithmetic, zip members the reader cannot or may not inflate) refused in one line, fast, in little
 memory; malformed list options refused at parse time."""
 
+# Bit-equality (torch.equal) below is the designed property, not a cross-path comparison: the same
+# program called again on the same input in the same process must compute the same bits (a pure
+# function); a stateful program differs by design. No other CPU or code path is compared.
+
 from __future__ import annotations
 
 import json
