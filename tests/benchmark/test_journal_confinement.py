@@ -28,6 +28,7 @@ from salbench.benchmark.cli import main
 from salbench.model_zoo.architectures import build
 
 from .conftest import FAST
+from .test_store_transactions import Killed  # stands in for SIGKILL
 
 CHEAP = replace(FAST, methods=("VG",), accuracy=False)
 
@@ -192,10 +193,6 @@ def test_a_planted_pth_journal_runs_nothing_in_a_fresh_interpreter(store_dirs, t
 # ---------------------------------------------------------------------------------------------
 # salbench remove
 # ---------------------------------------------------------------------------------------------
-
-class Killed(BaseException):
-    """Stands in for SIGKILL: not an Exception, so no `except Exception` clean-up runs."""
-
 
 def _files(root: Path) -> dict:
     return {str(p.relative_to(root)): _sha(p.read_bytes()) for p in sorted(root.rglob("*"))
