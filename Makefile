@@ -61,6 +61,7 @@ browser:
 # after `salbench leaderboard`: copy the generated tables the README quotes (a test keeps them equal)
 readme-tables: setup
 	$(BIN)/python -c "from pathlib import Path; from salbench.benchmark.leaderboard import sync_readme_quotes; print('README tables updated:', sync_readme_quotes(Path('README.md')) or 'none')"
+	$(BIN)/python -m salbench.benchmark.metric_cards
 
 test: setup browser
 	$(PYTEST)

@@ -125,6 +125,10 @@ def _methods(text: str) -> str:
     if unknown:
         raise argparse.ArgumentTypeError(f"unknown attribution method {unknown[0]!r}; registered: "
                                          f"{', '.join(EXPLAINERS)}")
+    controls = [m for m in items if EXPLAINERS[m].control]
+    if controls:
+        raise argparse.ArgumentTypeError(f"{controls[0]!r} is a control explainer: controls are scored apart, "
+                                         "with `salbench controls --dataset D`")
     return ",".join(items)
 
 
@@ -159,7 +163,7 @@ def cmd_train(args) -> int:
     from salbench.model_zoo.training import train
 
     recipe = get_recipe(args.dataset, args.preset, args.variant, placement=args.placement, seed=args.seed,
-                        epochs=args.epochs)
+                        epochs=args.epochs, permute_labels=args.permute_labels)
     if args.epochs is not None and recipe.preset != args.preset and not args.quiet and _is_main():
         from salbench.model_zoo.training import model_id_for
 
@@ -287,21 +291,40 @@ def _print_table(dataset: str) -> None:
 def cmd_leaderboard(args) -> int:
     from salbench.benchmark.harness import score_zoo
 
-    only = [i for part in args.only for i in part.split(",") if i] if getattr(args, "only", None) else None
-    score_zoo(args.dataset, rescore=args.rescore, config=_config(args), progress=not args.quiet, only=only,
+    score_zoo(args.dataset, rescore=args.rescore, config=_config(args), progress=not args.quiet, only=_only(args),
               band=not args.no_band, time_limit=args.time_limit)
     if _is_main():
         _print_table(args.dataset)
     return EXIT_OK
 
 
+def _only(args) -> list[str] | None:
+    """The ``--only`` ids (each option may hold a comma-separated list), or None."""
+    return [i for part in args.only for i in part.split(",") if i] if getattr(args, "only", None) else None
+
+
+def cmd_controls(args) -> int:
+    from salbench.benchmark.controls import score_controls
+
+    score_controls(args.dataset, rescore=args.rescore, progress=not args.quiet, only=_only(args))
+    return EXIT_OK
+
+
+def cmd_sanity(args) -> int:
+    from salbench.benchmark.sanity import run_sanity
+
+    run_sanity(args.dataset, rescore=args.rescore, progress=not args.quiet, only=_only(args))
+    return EXIT_OK
+
+
 def cmd_figures(args) -> int:
-    from salbench.benchmark.figures import BOARD_FIGURES, saliency_grid
+    from salbench.benchmark.figures import BOARD_FIGURES, saliency_grid, sanity_figure
     from salbench.benchmark.harness import zoo_cards
     from salbench.benchmark.imagesets import load_imageset
     from salbench.model_zoo import zoo
 
     paths = [fn(args.dataset) for fn in BOARD_FIGURES]
+    paths += [p for p in [sanity_figure(args.dataset)] if p is not None]
     by_variant = {c["variant"]: c["id"] for c in zoo_cards(args.dataset)}
     models = {v: zoo.load(by_variant[v]) for v in ("N", "A", "G") if v in by_variant}
     if models:
@@ -544,6 +567,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--placement", type=int, default=None, help="SmoothBlock after stage 1, 2 or 3 (default: recipe)")
     t.add_argument("--seed", type=int, default=0,
                    help="training seed (init, data order, augmentation, PGD starts); ids get -s<seed> when > 0")
+    t.add_argument("--permute-labels", action="store_true",
+                   help="the data-randomisation control: train on permuted labels (id ...-randlabels; a control "
+                        "model the sanity gates use, never scored on a board)")
     t.add_argument("--epochs", type=_POSITIVE, default=None, metavar="N",
                    help="a short (or longer) real run: N epochs instead of the preset's, under its own id "
                         "(preset name + -e<N>, e.g. fmnist-lenet-A-paper-10ep-e1), so it never replaces the full run")
@@ -611,6 +637,20 @@ def build_parser() -> argparse.ArgumentParser:
     _scoring_args(lb)
     _only_arg(lb)
     lb.set_defaults(func=cmd_leaderboard)
+
+    for name, func, what, help_ in (
+            ("controls", cmd_controls, "control results",
+             "score the control explainers (random, edge) on every zoo model; writes <dataset>_controls.csv and the "
+             "main board's beaten_by_control column"),
+            ("sanity", cmd_sanity, "sanity values",
+             "sanity gates (model-parameter and data randomisation) of every zoo model; writes <dataset>_gates.csv, "
+             "<dataset>_sanity.csv and the main board's gate column")):
+        q = sub.add_parser(name, help=help_)
+        q.add_argument("--dataset", required=True, choices=DATASETS)
+        q.add_argument("--rescore", action="store_true", help=f"ignore stored {what} and compute again")
+        q.add_argument("--quiet", action="store_true")
+        _only_arg(q)
+        q.set_defaults(func=func)
 
     v = sub.add_parser("verify", help="re-score a stored result here; exit 0 when every headline aggregate is "
                                       "within its numerical band, 1 when one is not")

@@ -56,7 +56,8 @@ def _save(fig, path: Path) -> Path:
 
 
 def _curves(df: pd.DataFrame, x: str, y: str, title: str, xlabel: str, ylabel: str, path: Path,
-            interval: str = "bars", labels: dict | None = None, caption: str = "", kept: bool = False) -> Path:
+            interval: str = "bars", labels: dict | None = None, caption: str = "", kept: bool = False,
+            legend_title: str = "bars/bands: 95% bootstrap CI over images") -> Path:
     """One panel per method, one curve per model; ``<y>_lo``/``<y>_hi`` columns (95% bootstrap
     intervals, PROTOCOL §7) drawn as error bars or as a shaded band. ``kept``: a second row of
     panels with the SSIM kept fraction."""
@@ -84,7 +85,7 @@ def _curves(df: pd.DataFrame, x: str, y: str, title: str, xlabel: str, ylabel: s
         ax.set_title(f"{method}: {title}", fontsize=10)
         ax.grid(alpha=0.3)
         axes[-1][col].set_xlabel(xlabel)
-        ax.legend(fontsize=6.5, loc="best", title="bars/bands: 95% bootstrap CI over images", title_fontsize=6.5)
+        ax.legend(fontsize=6.5, loc="best", title=legend_title or None, title_fontsize=6.5)
         if kept:
             axes[1][col].set_ylim(0, 1.02)
             axes[1][col].grid(alpha=0.3)
@@ -128,6 +129,26 @@ def road_figure(dataset: str, out_dir: Path | None = None, lb_dir: Path | None =
                    (out_dir or fig_dir()) / f"{dataset}_road.png", interval="band", labels=labels,
                    caption="Fraction of the fixed image set still classified correctly after the most relevant "
                            "pixels are replaced by noisy linear imputation (PROTOCOL §3); AOPC in the legend.")
+
+
+def sanity_figure(dataset: str, out_dir: Path | None = None, lb_dir: Path | None = None) -> Path | None:
+    """The cascading model-parameter randomisation curves (``<dataset>_sanity.csv``, PROTOCOL §9.3): one
+    panel per method, the Spearman rank correlation of |map| with the original after each step, for
+    the first zoo model of each variant on the main board. None when no sanity values are stored."""
+    lb = lb_dir or leaderboards_dir()
+    path = lb / f"{dataset}_sanity.csv"
+    if not path.is_file() or len(pd.read_csv(path)) == 0:
+        return None
+    df = pd.read_csv(path)
+    board = _board(lb / f"{dataset}.csv")
+    first = board[board["source"] == "zoo"].drop_duplicates("variant")[["id", "variant"]]
+    df = df.merge(first, on="id")
+    return _curves(df, "step", "spearman", f"{dataset}: model-parameter randomisation (MPRT), top-down",
+                   "layers randomised, output layer first", "mean Spearman of |map| with the original",
+                   (out_dir or fig_dir()) / f"{dataset}_sanity.png", legend_title="",
+                   caption="Each step re-initialises one more layer, from the output down (PROTOCOL §9.3); a map "
+                           "that depends on the model falls towards 0, a model-free control stays at 1. The gate "
+                           "needs the last step below 0.5. One model per variant (the first on the board).")
 
 
 def metric_panels(board: pd.DataFrame) -> list:

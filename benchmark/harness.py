@@ -18,6 +18,7 @@ from salbench.benchmark.scoring import ScoreConfig, resolve_config, score
 from salbench.benchmark.store import StoreLock, check_writable, commit_submission
 from salbench.model_zoo import zoo
 from salbench.model_zoo.data import load_split
+from salbench.model_zoo.recipes import is_control_card
 
 
 def _lock(dataset: str, out_dir: Path | None = None, *, results_root: Path | None = None,
@@ -28,7 +29,16 @@ def _lock(dataset: str, out_dir: Path | None = None, *, results_root: Path | Non
 
 
 def zoo_cards(dataset: str, cards_dir: Path | None = None) -> list[dict]:
-    return [c for c in zoo.list_cards(dataset, cards_dir) if c.get("preset") not in ("tiny",)]
+    """The zoo models the boards score: not the tiny test preset, not the control models (trained on
+    permuted labels, ``model_zoo.recipes.is_control_card``; the sanity gates use them)."""
+    return [c for c in zoo.list_cards(dataset, cards_dir) if c.get("preset") not in ("tiny",) and not is_control_card(c)]
+
+
+def check_only(dataset: str, only: list[str] | None, cards: list[dict]) -> None:
+    """``ValueError`` naming the ``only`` ids that are not among ``cards`` (before anything is loaded)."""
+    unknown = [i for i in only or [] if i not in {c["id"] for c in cards}]
+    if unknown:
+        raise ValueError(f"unknown {dataset} zoo id(s) {', '.join(unknown)}; known: {', '.join(c['id'] for c in cards)}")
 
 
 def _notifier(notify: Callable[[str], None] | None, progress: bool) -> Callable[[str], None]:
@@ -90,9 +100,7 @@ def score_zoo(dataset: str, *, rescore: bool = False, config: ScoreConfig = Scor
     ``max(4 x estimate, estimate + 15 min)``, and 0 means no limit."""
     say = _notifier(notify, progress)
     cards = zoo_cards(dataset, cards_dir)
-    unknown = [i for i in only or [] if i not in {c["id"] for c in cards}]
-    if unknown:
-        raise ValueError(f"unknown {dataset} zoo id(s) {', '.join(unknown)}; known: {', '.join(c['id'] for c in cards)}")
+    check_only(dataset, only, cards)
     R.results_folder(dataset, results_root)  # StoredResultError (one line) when reached through a link
     test_split = test_split or load_split(dataset, "test")
     imageset = imageset or load_imageset(dataset, test_split=test_split, cards_dir=cards_dir)

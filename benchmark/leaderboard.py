@@ -8,6 +8,10 @@
 - ``<dataset>_road.csv``: ROAD accuracy and its interval per removal level (long).
 - ``<dataset>_comparisons.csv``: paired model-vs-reference tests with verdicts.
 - ``<dataset>_variants.csv``: every zoo recipe summarised across its training seeds.
+- ``<dataset>_controls.csv``: the control explainers (``random``, ``edge``) per zoo model; the main
+  board's ``beaten_by_control`` names the headline aggregates a control wins (``benchmark.controls``).
+- ``<dataset>_gates.csv``, ``<dataset>_sanity.csv``: the sanity gates per model x method and the
+  model-randomisation curves; the main board's ``gate`` column (``benchmark.sanity``).
 - ``<dataset>_pattern.md``: the paper's claims, decided from the files above.
 """
 
@@ -588,13 +592,25 @@ def write_leaderboard(dataset: str, *, results_root: Path | None = None, out_dir
     results = list_results(dataset, root=results_root, images_sha256=images_sha256)
     from salbench.benchmark.provenance import read_records
 
+    from salbench.benchmark import controls as CT
+
     tables = leaderboard_tables(results, autoattack=_autoattack_by_sha(dataset),
                                 verifications=read_records(dataset, results_root))
+    tables["controls"] = CT.controls_table(CT.list_controls(dataset, results_root, images_sha256))
+    from salbench.benchmark import sanity as SN
+
+    sanity = SN.sanity_tables(SN.stored(dataset, results_root, images_sha256))
+    tables["gates"], tables["sanity"] = sanity["gates"], sanity["curves"]
+    if not tables["main"].empty:
+        tables["main"]["gate"] = SN.gate_column(tables["main"], tables["gates"])
+        tables["main"]["beaten_by_control"] = CT.beaten_by_control(tables["main"], tables["controls"])
     claim_pairs = tuple(dict.fromkeys((c.model, c.reference) for c in C.claims_for(dataset)))
     tables["comparisons"] = comparisons_table(results, reference_ids, claim_pairs)
     tables["variants"] = variants_table(tables["main"])
     names = {"main": f"{dataset}.csv", "ssim": f"{dataset}_ssim.csv", "road": f"{dataset}_road.csv",
-             "comparisons": f"{dataset}_comparisons.csv", "variants": f"{dataset}_variants.csv"}
+             "comparisons": f"{dataset}_comparisons.csv", "variants": f"{dataset}_variants.csv",
+             "controls": f"{dataset}_controls.csv", "gates": f"{dataset}_gates.csv",
+             "sanity": f"{dataset}_sanity.csv"}
     paths = {}
     from salbench.benchmark.csv_safety import safe_frame  # no text cell starts a spreadsheet formula
 

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from salbench import metrics
 from salbench.metrics import protocol as P
+from salbench.metrics.controls import edge_map, random_explainer
 from salbench.benchmark import distributed as D
 from salbench.benchmark.metric_registry import METRICS, Batch, MetricSpec, get_metric, stack_batches
 from salbench.benchmark.progress import StageClock, format_seconds, stage_work
@@ -76,12 +77,13 @@ class ExplainerSpec:
     name: str
     build: Callable[["ScoreConfig"], Callable]
     description: str = ""
+    control: bool = False  # a model-free control map (benchmark.controls): own board, no verdicts
 
 
 EXPLAINERS: dict[str, ExplainerSpec] = {}
 
 
-def register_explainer(name: str, description: str = ""):
+def register_explainer(name: str, description: str = "", *, control: bool = False):
     """Register an attribution method under ``name`` (a decorator of ``build(cfg) -> explainer``).
     ``ScoreConfig(methods=(..., name))`` then scores it with every metric, and it gets its own rows
     on the leaderboard and in the comparisons.
@@ -99,7 +101,7 @@ def register_explainer(name: str, description: str = ""):
     def deco(build):
         if name in EXPLAINERS:
             raise ValueError(f"an explainer named {name!r} is already registered")
-        EXPLAINERS[name] = ExplainerSpec(name, build, description)
+        EXPLAINERS[name] = ExplainerSpec(name, build, description, control)
         return build
 
     return deco
@@ -132,6 +134,23 @@ def _ig(cfg: "ScoreConfig"):
                           for i in range(0, len(x), chunk)])
 
     return ig
+
+
+@register_explainer("random", "control: a seeded uniform map per image, ignoring the model (metrics.controls)",
+                    control=True)
+def _random(cfg: "ScoreConfig"):
+    return random_explainer(cfg.seed)
+
+
+@register_explainer("edge", "control: Sobel magnitude of the input summed over channels, ignoring the model "
+                    "(metrics.controls)", control=True)
+def _edge(cfg: "ScoreConfig"):
+    return edge_map
+
+
+def control_methods() -> tuple[str, ...]:
+    """The registered control explainers, in registration order."""
+    return tuple(n for n, s in EXPLAINERS.items() if s.control)
 
 
 def explainer_for(method: str, cfg: ScoreConfig):

@@ -60,6 +60,8 @@ class DatasetData:
     cards: dict[str, dict] = field(default_factory=dict)  # checkpoint sha256 -> card (zoo or submission)
     galleries: dict[str, Figure] = field(default_factory=dict)  # model id -> its gallery PNG in site/gallery
     files: tuple[str, ...] = ()  # board files present in the leaderboards folder (download links)
+    controls: list[dict[str, str]] = field(default_factory=list)  # rows of <dataset>_controls.csv
+    gates: list[dict[str, str]] = field(default_factory=list)  # rows of <dataset>_gates.csv
 
 
 @dataclass(frozen=True)
@@ -107,7 +109,7 @@ def anchor(model_id: str) -> str:
     return safe
 
 
-FIGURE_ORDER = ("metrics", "ssim", "road", "saliency_grid", "tda_top")
+FIGURE_ORDER = ("metrics", "ssim", "road", "saliency_grid", "sanity", "tda_top")
 
 
 def dataset_names(lb_dir: Path) -> list[str]:
@@ -135,6 +137,7 @@ def collect(lb_dir: Path | None = None, *, site_dir: Path | None = None, cards_d
     for ds in dataset_names(lb):
         board = _read_csv(lb / f"{ds}.csv")
         cmp_path, md_path = lb / f"{ds}_comparisons.csv", lb / f"{ds}_pattern.md"
+        ctl_path, gates_path = lb / f"{ds}_controls.csv", lb / f"{ds}_gates.csv"
         figs = sorted(fig_dir.glob(f"{ds}_*.png"),
                       key=lambda p: (_fig_rank(ds, p.name), p.name))
         cards = {c["sha256"]: c for c in list_cards(ds, cards_dir) if c.get("sha256")}
@@ -150,8 +153,11 @@ def collect(lb_dir: Path | None = None, *, site_dir: Path | None = None, cards_d
             pattern_md=md_path.read_text(encoding="utf-8") if md_path.is_file() else None,
             figures=[Figure(p.name, *_read_png_size(p)) for p in figs],
             cards=cards, galleries=galleries,
+            controls=_read_csv(ctl_path) if ctl_path.is_file() else [],
+            gates=_read_csv(gates_path) if gates_path.is_file() else [],
             files=tuple(n for n in (f"{ds}.csv", f"{ds}_comparisons.csv", f"{ds}_ssim.csv", f"{ds}_road.csv",
-                                    f"{ds}_variants.csv", f"{ds}_pattern.md") if (lb / n).is_file())))
+                                    f"{ds}_variants.csv", f"{ds}_pattern.md", f"{ds}_controls.csv",
+                                    f"{ds}_gates.csv", f"{ds}_sanity.csv") if (lb / n).is_file())))
     return SiteData(out, lb_href=Path(os.path.relpath(lb, site)).as_posix())
 
 
@@ -271,6 +277,12 @@ BOARD_COLUMNS = [
            help="fraction of images whose ROS is undefined (every noise sample flipped the prediction)"),
     Column("ros_ranked", "ranked on ROS", "text",
            help="False: more than 10% of the images have no ROS, so the row is shown but not ranked on ROS (PROTOCOL §8.2)"),
+    Column("gate", "sanity gate", "text",
+           help="pass, or fail with the checks that failed: model-parameter randomisation (MPRT, eMPRT) and data "
+                "randomisation (PROTOCOL §9.3); a failing row is marked, never dropped; – where not computed"),
+    Column("beaten_by_control", "beaten by a control", "text",
+           help="headline metrics on which a model-free control map (random, edge) of the same model scores better "
+                "(PROTOCOL §9.1)"),
     Column("seed", "seed", digits=0, help="training seed of a zoo model"),
     Column("preset", "preset", "text", help="training recipe preset"),
     Column("source", "source", "text", help="zoo model or submission"),
@@ -308,6 +320,9 @@ FIGURE_ALT = {
             "method (VG, IG), with 95% bootstrap error bars; lower panels: the fraction of images kept",
     "road": "{ds}: ROAD curves, accuracy on the fixed set against the percentage of most relevant pixels removed, "
             "one curve per model and panel per method, 95% bands, AOPC in the legend",
+    "sanity": "{ds}: model-parameter randomisation, one panel per method (VG, IG and the random and edge "
+              "controls): the mean Spearman rank correlation of |map| with the original map after each layer, from "
+              "the output down, is re-initialised, one curve per variant",
     "saliency_grid": "{ds}: saliency-map grid, eight images of the set (top row) with the VG and IG maps of the "
                      "N, A and G models below",
 }
@@ -347,7 +362,7 @@ def _current(href: str, current: str) -> str:
 
 def _sub_nav(ds: DatasetData, current: str) -> str:
     links = [(f"{ds.name}.html", "board, figures, models"), (f"{ds.name}_comparisons.html", "paired comparisons"),
-             (f"{ds.name}_claims.html", "the paper's claims")]
+             (f"{ds.name}_claims.html", "the paper's claims"), (f"{ds.name}_sanity.html", "controls and sanity")]
     items = "".join(f'<li><a href="{esc(h)}"{_current(h, current)}>{esc(t)}</a></li>' for h, t in links)
     return f'<nav aria-label="{esc(ds.name)} pages"><ul class="subnav">{items}</ul></nav>'
 
@@ -613,6 +628,53 @@ def markdown(md: str, *, demote: int = 0) -> str:
 ASSETS_DIR = Path(__file__).resolve().parent / "site_assets"
 
 
+CONTROL_COLUMNS = [
+    Column("method", "control", "text", help="random: a seeded uniform map per image; edge: Sobel magnitude of the input"),
+    Column("gini", "Gini \u2191", interval=True, help="sparsity of the control map"),
+    Column("ssim_mean", "SSIM \u2191", interval=True, help="scale-free SSIM under Gaussian input noise, mean over sigma"),
+    Column("log10_ros", "log10 ROS \u2193", interval=True, help="median per-image log10 relative output stability"),
+    Column("aopc", "AOPC \u2191", interval=True, help="ROAD-AOPC of the control map"),
+]
+
+GATE_COLUMNS = [
+    Column("method", "method", "text"),
+    Column("mprt_spearman", "MPRT Spearman", digits=3,
+           help="mean Spearman rank correlation of |map| between the model and the model with every layer randomised "
+                "(top-down cascade); the gate needs it below the threshold"),
+    Column("mprt_ssim", "MPRT SSIM", digits=3, help="mean scale-free SSIM between the same two maps"),
+    Column("smprt_spearman", "sMPRT Spearman", digits=3,
+           help="as MPRT with each map averaged over noisy copies of the input (Hedstrom et al. 2024)"),
+    Column("emprt", "eMPRT", digits=3,
+           help="relative rise of the map's discrete entropy from the model to the fully randomised model "
+                "(Hedstrom et al. 2024; quantus EfficientMPRT); the gate needs it above 0"),
+    Column("data_spearman", "data-randomisation Spearman", digits=3,
+           help="mean Spearman of |map| between the reference N model and the N model trained on permuted labels"),
+    Column("gate", "gate", "text", help="pass, or fail with the checks that failed"),
+]
+
+
+def sanity_page(data: SiteData, ds: DatasetData) -> str:
+    """The control explainers' rows (``<dataset>_controls.csv``) and the sanity gates (``<dataset>_gates.csv``)."""
+    body = [f"<h1>{esc(ds.name)}: controls and sanity gates</h1>", _sub_nav(ds, f"{ds.name}_sanity.html"),
+            "<p>Controls are maps that ignore the model, scored with every metric like VG and IG (PROTOCOL §9.1): "
+            "a metric on which a control scores as well as VG or IG measures something a map can have without "
+            "the model (the board's <em>beaten by a control</em> column). The sanity gates (PROTOCOL §9.3) check "
+            "that each explanation changes when the model's parameters or its training labels are randomised; "
+            "a row that fails is marked on the board, never dropped.</p>"]
+    for key, title, cols, rows in (("controls", "Control explainers", CONTROL_COLUMNS, ds.controls),
+                                   ("gates", "Sanity gates", GATE_COLUMNS, ds.gates)):
+        body.append(f'<h2 id="{key}">{esc(title)}</h2>')
+        if not rows:
+            body.append(f"<p>No {esc(ds.name)}_{key}.csv yet.</p>")
+            continue
+        trs = [f'<tr data-row="{i}"><th scope="row" data-sort="{esc(r.get("id", ""))}">'
+               f'<a href="{esc(ds.name)}.html#model-{esc(anchor(r.get("id", "")))}">{esc(r.get("id", ""))}</a></th>'
+               + "".join(cell(r, c) for c in cols) + "</tr>" for i, r in enumerate(rows)]
+        caption = f"{esc(ds.name)} {esc(key)} ({esc(ds.name)}_{esc(key)}.csv): {len(rows)} rows"
+        body += [table(key, caption, [Column("id", "model", "text")] + cols, trs), _column_help(cols)]
+    return page(f"{ds.name} controls and sanity - {SITE_TITLE}", "\n".join(body), nav=_nav(data))
+
+
 def render(data: SiteData) -> dict[str, bytes]:
     """Every file of the site except the gallery PNGs, as ``{path relative to the site: bytes}``."""
     files = {"index.html": index_page(data)}
@@ -620,6 +682,7 @@ def render(data: SiteData) -> dict[str, bytes]:
         files[f"{ds.name}.html"] = dataset_page(data, ds)
         files[f"{ds.name}_comparisons.html"] = comparisons_page(data, ds)
         files[f"{ds.name}_claims.html"] = claims_page(data, ds)
+        files[f"{ds.name}_sanity.html"] = sanity_page(data, ds)
     out = {k: v.encode("utf-8") for k, v in files.items()}
     for name in ("site.css", "sort.js"):
         out[f"assets/{name}"] = (ASSETS_DIR / name).read_bytes()

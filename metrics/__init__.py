@@ -13,6 +13,7 @@ from __future__ import annotations
 from salbench.metrics.attributions import Explainer, integrated_gradients, vanilla_gradient
 from salbench.metrics.faithfulness import noisy_linear_imputation, road_aopc, road_curve, road_curves, tied_fraction
 from salbench.metrics.protocol import PROTOCOL_VERSION
+from salbench.metrics.sanity import CascadeResult, cascading_randomisation, efficient_mprt, randomisation_layers
 from salbench.metrics.sparsity import gini_index
 from salbench.metrics.stability import (
     SSIMUnderNoise,
@@ -42,4 +43,8 @@ __all__ = [
     "road_curves",
     "tied_fraction",
     "road_aopc",
+    "randomisation_layers",
+    "CascadeResult",
+    "cascading_randomisation",
+    "efficient_mprt",
 ]

@@ -46,4 +46,9 @@ ROAD_NEIGHBOUR_WEIGHTS: tuple[tuple[int, int, float], ...] = (
     (1, -1, 1 / 12), (1, 0, 1 / 6), (1, 1, 1 / 12),
 )
 
+# PROTOCOL §9.3: sMPRT noise (standard deviation as a fraction of each image's range, quantus
+# SmoothMPRT's noise_magnitude) and eMPRT's histogram bins (quantus EfficientMPRT's n_bins_default)
+SMPRT_NOISE = 0.1
+EMPRT_BINS = 100
+
 __all__ = [name for name in dir() if name.isupper()]

@@ -40,6 +40,9 @@ class Recipe:
     smoothing_filter: str | None = None
     smoothing_placement: int = 1
     train_subset: int | None = None  # first n training images (tests / tiny presets only)
+    # the data-randomisation control (Adebayo et al. 2018; PROTOCOL §9.2): the training labels
+    # permuted by a generator seeded with the recipe's seed; such a model is a control, never scored
+    permute_labels: bool = False
     seed: int = 0
     # which epoch is published: "last", or "best_val" (the epoch with the best accuracy on the
     # held-out split; PROTOCOL §5 ImageNette: "best val checkpoint")
@@ -134,7 +137,7 @@ def list_presets(dataset: str | None = None) -> list[str]:
 
 
 def get_recipe(dataset: str, preset: str, variant: str, *, placement: int | None = None, seed: int = 0,
-               epochs: int | None = None) -> Recipe:
+               epochs: int | None = None, permute_labels: bool = False) -> Recipe:
     """The recipe of (dataset, preset, variant); G/M1/M2 = A + SmoothBlock (PROTOCOL §5).
 
     ``epochs`` makes a short (or longer) real run of the recipe: when it differs from the preset's
@@ -142,6 +145,10 @@ def get_recipe(dataset: str, preset: str, variant: str, *, placement: int | None
     epoch checkpoints and card are its own (``fmnist-lenet-A-paper-10ep-e1``; a seed suffix still
     comes last) and it is never mistaken for, nor overwrites, the preset's full run. The preset's own
     count is the full run (plain id). Learning-rate milestones (in optimiser steps) stay as they are.
+
+    ``permute_labels`` gives the data-randomisation control of the recipe (its training labels
+    permuted), preset ``<preset>-randlabels``: a zoo model marked as a control, used by the sanity
+    gates and never scored on a board.
 
     >>> get_recipe("fmnist", "paper", "G").smoothing
     {'filter': 'gaussian', 'placement': 1}
@@ -166,4 +173,11 @@ def get_recipe(dataset: str, preset: str, variant: str, *, placement: int | None
                      smoothing_placement=placement or base.smoothing_placement, seed=seed)
     if epochs is not None and epochs != base.epochs:
         recipe = replace(recipe, epochs=epochs, preset=f"{preset}-e{epochs}")
+    if permute_labels:
+        recipe = replace(recipe, permute_labels=True, preset=f"{recipe.preset}-randlabels")
     return recipe
+
+
+def is_control_card(card: dict) -> bool:
+    """Is this zoo card a control model (trained on permuted labels), kept off the boards?"""
+    return bool((card.get("recipe") or {}).get("permute_labels"))

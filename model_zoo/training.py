@@ -181,6 +181,8 @@ def train(
     if recipe.train_subset:
         x_all, y_all = x_all[: recipe.train_subset], y_all[: recipe.train_subset]
     n = len(y_all)
+    if recipe.permute_labels:  # the data-randomisation control: same images, labels shuffled among them
+        y_all = y_all[torch.randperm(n, generator=torch.Generator().manual_seed(1_000_003 + recipe.seed))]
 
     torch.manual_seed(recipe.seed)
     model = build(recipe.arch, num_classes=NUM_CLASSES[recipe.dataset], dataset=recipe.dataset,

@@ -94,7 +94,7 @@ def test_every_committed_board_file_regenerates_from_the_stored_results(path: Pa
     dataset = path.stem
     set_sha = json.loads((IMAGESETS_DIR / f"{dataset}.json").read_text())["images_sha256"]
     written = write_leaderboard(dataset, out_dir=tmp_path, images_sha256=set_sha)
-    assert len(written) == 6
+    assert len(written) == 9
     for new in written.values():
         committed = DEFAULT_LEADERBOARDS_DIR / new.name
         assert committed.is_file(), f"{committed.name} is not committed; run `salbench leaderboard --dataset {dataset}`"
@@ -156,3 +156,15 @@ def test_sync_readme_quotes_rewrites_only_the_marked_table(tmp_path):
     assert readme.read_text() == ("intro\n<!-- BEGIN fmnist-glance (copy) -->\n| a | b |\n|---|---|\n| 1 | 2 |\n"
                                   "<!-- END fmnist-glance -->\nafter | x\n")
     assert sync_readme_quotes(readme, boards) == []  # already in sync
+
+
+def test_metric_cards_are_generated_from_the_committed_boards(tmp_path: Path):
+    """docs/metrics/<metric>.md is what `python -m salbench.benchmark.metric_cards` writes from the boards."""
+    from salbench.benchmark.metric_cards import DOCS, write_metric_cards
+
+    written = write_metric_cards(out_dir=tmp_path, lb_dir=DEFAULT_LEADERBOARDS_DIR)
+    assert {p.name for p in written} == {"gini.md", "ssim_mean.md", "log10_ros.md", "aopc.md"}
+    for p in written:
+        committed = DOCS / p.name
+        assert committed.is_file(), f"docs/metrics/{p.name} is not committed: run `make readme-tables`"
+        assert committed.read_text() == p.read_text(), f"docs/metrics/{p.name} is stale: run `make readme-tables`"

@@ -85,7 +85,8 @@ def check_schema(card: dict, path: Path) -> None:
     assert card["dataset"] in DATASETS
     assert card["arch"] in list_archs() and card["dataset"] in arch_spec(card["arch"]).datasets
     assert card["variant"] in VARIANTS
-    assert f"{card['dataset']}/{card['preset']}" in PRESETS
+    base = card["preset"].removesuffix("-randlabels") if card["recipe"].get("permute_labels") else card["preset"]
+    assert f"{card['dataset']}/{base}" in PRESETS  # a data-randomisation control names its preset's
     assert card["num_classes"] == NUM_CLASSES[card["dataset"]]
     assert re.fullmatch(r"[0-9a-f]{64}", card["sha256"])
     assert card["weights"] == f"{card['id']}-{card['sha256'][:8]}.safetensors"
