@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from salbench.metrics._validation import check_images
+from salbench.metrics.protocol import EDGE_EPS
 
 __all__ = ["random_map", "edge_map", "random_explainer"]
 
@@ -65,4 +66,4 @@ def edge_map(model: nn.Module | None, x: Tensor, y: Tensor | None = None) -> Ten
         b, c, h, w = x.shape
         padded = F.pad(x.detach().reshape(b * c, 1, h, w), (1, 1, 1, 1), mode="replicate")
         g = F.conv2d(padded, kernels)  # (B*C, 2, H, W)
-        return torch.sqrt(g.pow(2).sum(dim=1) + 1e-6).reshape(b, c, h, w).sum(dim=1)
+        return torch.sqrt(g.pow(2).sum(dim=1) + EDGE_EPS).reshape(b, c, h, w).sum(dim=1)

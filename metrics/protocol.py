@@ -49,6 +49,8 @@ ROAD_NEIGHBOUR_WEIGHTS: tuple[tuple[int, int, float], ...] = (
 # PROTOCOL §9.3: sMPRT noise (standard deviation as a fraction of each image's range, quantus
 # SmoothMPRT's noise_magnitude) and eMPRT's histogram bins (quantus EfficientMPRT's n_bins_default)
 SMPRT_NOISE = 0.1
+# PROTOCOL §9.1: the edge control's sqrt(gx² + gy² + eps), kornia filters.sobel's default eps
+EDGE_EPS = 1e-6
 EMPRT_BINS = 100
 
 __all__ = [name for name in dir() if name.isupper()]
