@@ -222,13 +222,17 @@ def cmd_zoo_autoattack(args) -> int:
     from salbench.model_zoo.autoattack import autoattack_card_entry
     from salbench.model_zoo.data import load_split
 
+    from salbench.model_zoo.recipes import is_control_card
+
     cards = zoo.list_cards(args.dataset)
     if args.only:
-        only = {i for part in args.only for i in part.split(",") if i}
+        only = set(_only(args))
         unknown = only - {c["id"] for c in cards}
         if unknown:
             raise ValueError(f"unknown zoo id(s) {', '.join(sorted(unknown))}; see `salbench zoo list`")
         cards = [c for c in cards if c["id"] in only]
+    else:  # a control model (permuted labels, PROTOCOL §9.2) only when named
+        cards = [c for c in cards if not is_control_card(c)]
     todo = [c for c in cards if args.force or "autoattack" not in c]
     if not todo:
         print("every selected card already has an AutoAttack robust accuracy (use --force to recompute)")
