@@ -5,7 +5,7 @@ They are stored apart from the models' results, one result per checkpoint under
 ``<results>/controls/<dataset>/`` (same format, identity and digest as any result; their config
 names the control methods and measures no accuracy), so scoring a control never touches a model's
 stored VG/IG values. ``<dataset>_controls.csv`` has one row per zoo model x control with every
-aggregate and its interval (``control`` = True), and the main board's ``beaten_by_control`` column
+aggregate (point estimates; ``control`` = True), and the main board's ``beaten_by_control`` column
 names, on each VG/IG row, the headline aggregates on which a control of the same model scores
 better (``edge`` on ``ssim_mean``, say): a metric a model-free map wins is measuring something
 other than the model's explanation. Controls are never compared or ranked.
@@ -80,8 +80,10 @@ def list_controls(dataset: str, results_root: Path | None = None, images_sha256:
     return R.list_results(dataset, root=controls_root(results_root), images_sha256=images_sha256)
 
 
-def controls_table(controls: list[dict], *, stats: bool = True) -> pd.DataFrame:
-    """One row per model x control (the main board's columns, ``control`` = True), or an empty frame."""
+def controls_table(controls: list[dict], *, stats: bool = False) -> pd.DataFrame:
+    """One row per model x control (the main board's columns, ``control`` = True), or an empty frame.
+    Point estimates only by default: controls are never compared, and their bootstrap intervals would
+    double the time of a board regeneration (``stats=True`` adds them)."""
     from salbench.benchmark.leaderboard import leaderboard_tables
 
     if not controls:

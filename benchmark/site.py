@@ -630,10 +630,10 @@ ASSETS_DIR = Path(__file__).resolve().parent / "site_assets"
 
 CONTROL_COLUMNS = [
     Column("method", "control", "text", help="random: a seeded uniform map per image; edge: Sobel magnitude of the input"),
-    Column("gini", "Gini \u2191", interval=True, help="sparsity of the control map"),
-    Column("ssim_mean", "SSIM \u2191", interval=True, help="scale-free SSIM under Gaussian input noise, mean over sigma"),
-    Column("log10_ros", "log10 ROS \u2193", interval=True, help="median per-image log10 relative output stability"),
-    Column("aopc", "AOPC \u2191", interval=True, help="ROAD-AOPC of the control map"),
+    Column("gini", "Gini \u2191", help="sparsity of the control map"),
+    Column("ssim_mean", "SSIM \u2191", help="scale-free SSIM under Gaussian input noise, mean over sigma"),
+    Column("log10_ros", "log10 ROS \u2193", help="median per-image log10 relative output stability"),
+    Column("aopc", "AOPC \u2191", help="ROAD-AOPC of the control map"),
 ]
 
 GATE_COLUMNS = [
