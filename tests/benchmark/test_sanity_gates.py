@@ -81,3 +81,22 @@ def test_a_damaged_sanity_file_is_computed_again(env):
                   notify=msgs.append)
     assert any(m.startswith("sanity checks of") for m in msgs)
     assert SN._read(p) is not None
+
+
+def test_gate_rule_on_hand_made_documents():
+    """The rule of PROTOCOL §9.3 on documents built by hand: thresholds, and an undefined data check
+    (a permuted-label model whose maps are constant) reported n/a and left out of the model rows."""
+    def doc(mid, sha, sp, emprt):
+        return {"model": {"id": mid, "sha256": sha}, "identity": "x", "methods": {
+            "VG": {"layers": ["a", "b"], "spearman": [0.9, sp], "ssim": [0.5, 0.2], "smprt_spearman": 0.6,
+                   "emprt": emprt}}}
+
+    docs = [doc("ok", "s1", 0.49, 0.01), doc("flat", "s2", 0.5, 0.3), doc("simple", "s3", 0.1, 0.0)]
+    gates = SN.sanity_tables(docs + [{"model": {"id": "ctl", "sha256": "c"}, "identity": "y",
+                                      "data": {"VG": {"spearman": float("nan"), "ssim": 1.0}}}])["gates"]
+    by = dict(zip(gates["id"], gates["gate"]))
+    assert by == {"ok": "pass", "flat": "fail: mprt", "simple": "fail: emprt",
+                  "ctl": "n/a: the control's maps are constant"}
+    gates = SN.sanity_tables(docs + [{"model": {"id": "ctl", "sha256": "c"}, "identity": "y",
+                                      "data": {"VG": {"spearman": 0.7, "ssim": 0.4}}}])["gates"]
+    assert dict(zip(gates["id"], gates["gate"]))["ok"] == "fail: data"
