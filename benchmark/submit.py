@@ -25,7 +25,7 @@ import hashlib
 import json
 import os
 import re
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -34,7 +34,7 @@ from salbench.model_zoo import zoo
 from salbench.model_zoo.catalog import MAX_CARD_BYTES
 from salbench.model_zoo.data import IMAGE_SHAPE, NUM_CLASSES
 from salbench.model_zoo.exported import ARCH as EXPORTED_ARCH
-from salbench.model_zoo.exported import is_exported_program, load_exported
+from salbench.model_zoo.exported import current_limits, default_limits, is_exported_program, limits, load_exported
 from salbench.model_zoo.safe_files import UnsafeFileError, check_folder, check_write_target, read_regular
 
 from salbench.benchmark.csv_safety import FORMULA_PREFIXES, starts_formula
@@ -437,6 +437,8 @@ def prepare_submission(path: str | Path, *, arch: str | None, dataset: str, name
         extra["state_key"] = state_key
     if claimed_accuracy is not None:
         extra["claimed_accuracy"] = claimed_accuracy
+    if exported and current_limits() != default_limits():  # raised caps travel with the card (verify, site)
+        extra["exported_limits"] = asdict(current_limits())
     card = zoo.make_card(
         model_id=mid, model=model, weights_file=weights_file,
         sha256=digest, dataset=dataset, arch=EXPORTED_ARCH if exported else arch, variant="submission",
@@ -445,6 +447,21 @@ def prepare_submission(path: str | Path, *, arch: str | None, dataset: str, name
         num_classes=NUM_CLASSES[dataset], source="submission", extra=extra,
     )
     return model, card, payload
+
+
+def card_limits(card: dict) -> dict:
+    """The exported-program caps a submission was scored under (``exported_limits`` on its card, written
+    when ``salbench score --max-...`` raised them), as keyword arguments of ``exported.limits``; {} for
+    the defaults. A malformed entry is a ``SubmissionError`` naming the card."""
+    raw = card.get("exported_limits")
+    if raw is None:
+        return {}
+    kinds = {"max_nodes": int, "max_tensor_bytes": int, "max_gflops_per_image": (int, float)}
+    if (not isinstance(raw, dict) or set(raw) - set(kinds)
+            or any(isinstance(v, bool) or not isinstance(v, kinds[k]) or not v > 0 for k, v in raw.items())):
+        raise SubmissionError(f"the card of {card.get('id')} has a malformed exported_limits entry {raw!r}; expected "
+                              "positive max_nodes, max_tensor_bytes and max_gflops_per_image")
+    return dict(raw)
 
 
 def load_submission(card: dict, submissions_dir: Path | None = None) -> torch.nn.Module:
@@ -466,7 +483,8 @@ def load_submission(card: dict, submissions_dir: Path | None = None) -> torch.nn
         raise SubmissionError(f"{path} does not match the sha256 on the card of {card['id']}")
     try:
         if card["arch"] == EXPORTED_ARCH:
-            return load_exported(path).eval()
+            with limits(**card_limits(card)):  # the caps it was scored under, when they were raised
+                return load_exported(path).eval()
         return zoo.load_checkpoint(path, card["arch"], num_classes=card.get("num_classes", NUM_CLASSES[card["dataset"]]),
                                    dataset=card["dataset"], smoothing=card.get("smoothing"),
                                    normalization=card.get("normalization")).eval()

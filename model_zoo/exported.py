@@ -166,9 +166,14 @@ _RAISE = {"max_nodes": "--max-nodes N", "max_tensor_bytes": "--max-tensor-bytes 
           "max_gflops_per_image": "--max-gflops-per-image G"}
 
 
+def default_limits() -> Limits:
+    """The module constants' caps."""
+    return Limits(MAX_NODES, MAX_TENSOR_BYTES, MAX_GFLOPS_PER_IMAGE)
+
+
 def current_limits() -> Limits:
     """The caps in force: those set by :func:`limits`, else the module constants."""
-    return _LIMITS.get() or Limits(MAX_NODES, MAX_TENSOR_BYTES, MAX_GFLOPS_PER_IMAGE)
+    return _LIMITS.get() or default_limits()
 
 
 @contextlib.contextmanager

@@ -570,3 +570,28 @@ def test_well_formed_lists_are_normalised():
     assert args.methods == "VG,IG"
     args = build_parser().parse_args(["leaderboard", "--dataset", "fmnist", "--only", "a, b", "--only", "c"])
     assert args.only == ["a,b", "c"]
+
+
+def test_raised_caps_travel_with_the_card_to_verify_and_the_site(base, tmp_path, monkeypatch):
+    """A program scored under raised caps records them on its card (``exported_limits``), and
+    ``load_submission`` (what `salbench verify` and the site's galleries use) reads it under them."""
+    from salbench.benchmark import submit as S
+
+    monkeypatch.setenv("SALBENCH_LEADERBOARDS_DIR", str(tmp_path / "lb"))
+    path = program(base, tmp_path / "p.pt2", LOGITS)
+    sub = tmp_path / "subs"
+    _, plain, _ = S.prepare_submission(path, arch=None, dataset="fmnist", name="plain", submissions_dir=sub)
+    assert "exported_limits" not in plain and S.card_limits(plain) == {}
+    with E.limits(max_nodes=E.MAX_NODES * 2):
+        _, card, payload = S.prepare_submission(path, arch=None, dataset="fmnist", name="raised", submissions_dir=sub)
+    assert card["exported_limits"] == {"max_nodes": E.MAX_NODES * 2, "max_tensor_bytes": E.MAX_TENSOR_BYTES,
+                                       "max_gflops_per_image": E.MAX_GFLOPS_PER_IMAGE}
+    S.store_submission(card, payload, sub)
+    assert S.load_submission(card, sub) is not None  # loads under the recorded caps
+    card["exported_limits"] = {"max_nodes": 1}  # the card's caps are the ones applied: now refused
+    with pytest.raises(S.SubmissionError, match="cap of 1 nodes"):
+        S.load_submission(card, sub)
+    for bad in ({"max_nodes": -1}, {"max_nodes": True}, {"other": 3}, [1]):
+        card["exported_limits"] = bad
+        with pytest.raises(S.SubmissionError, match="malformed exported_limits"):
+            S.load_submission(card, sub)
