@@ -2,7 +2,7 @@
 maps that ignore the model, scored with every metric on the same fixed set as VG and IG.
 
 They are stored apart from the models' results, one result per checkpoint under
-``<results>/controls/<dataset>/`` (same format, identity and digest as any result; their config
+``leaderboards/controls/<dataset>/`` (same format, identity and digest as any result; their config
 names the control methods and measures no accuracy), so scoring a control never touches a model's
 stored VG/IG values. ``<dataset>_controls.csv`` has one row per zoo model x control with every
 aggregate (point estimates; ``control`` = True), and the main board's ``beaten_by_control`` column
@@ -27,8 +27,9 @@ CONTROLS = "controls"
 
 
 def controls_root(results_root: Path | None = None) -> Path:
-    """Where the control results live: ``<results_root or leaderboards/results>/controls``."""
-    return (results_root or R.results_dir()) / CONTROLS
+    """Where the control results live: ``controls/`` next to the results folder (``leaderboards/controls``);
+    the results folder holds one folder per dataset and nothing else."""
+    return (results_root or R.results_dir()).parent / CONTROLS
 
 
 def control_config(config: ScoreConfig = ScoreConfig()) -> ScoreConfig:

@@ -21,7 +21,7 @@ control model's maps are constant: a permuted-label model that collapsed to a co
 (the ``edge`` and ``random`` controls, an explainer returning the input) has Spearman 1 and eMPRT 0
 by construction and fails; see PROTOCOL §9.3 for why the thresholds are where they are.
 
-Each model's values are stored in ``<results>/sanity/<dataset>/<sha256[:16]>.json`` (atomic; re-used
+Each model's values are stored in ``leaderboards/sanity/<dataset>/<sha256[:16]>.json`` (atomic; re-used
 while the weights and :data:`SETTINGS` are unchanged). The boards get ``<dataset>_sanity.csv``
 (the cascade curves), ``<dataset>_gates.csv`` and the main board's ``gate`` column.
 """
@@ -56,7 +56,8 @@ SANITY = "sanity"
 
 
 def sanity_root(results_root: Path | None = None) -> Path:
-    return (results_root or R.results_dir()) / SANITY
+    """``sanity/`` next to the results folder (``leaderboards/sanity``)."""
+    return (results_root or R.results_dir()).parent / SANITY
 
 
 def sanity_path(dataset: str, sha256: str, results_root: Path | None = None) -> Path:

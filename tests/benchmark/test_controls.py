@@ -81,7 +81,7 @@ def test_controls_get_their_own_results_board_and_flags(env):
     assert all(not r["accuracy"].get("natural") for r in out)  # accuracies live in the model's own result
     # the models' own stored results are untouched; the controls live apart
     assert {p: p.read_bytes() for p in sorted((env["lb"] / "results" / "fmnist").glob("*.json"))} == before
-    assert len(list((env["lb"] / "results" / "controls" / "fmnist").glob("*.json"))) == 3
+    assert len(list((env["lb"] / "controls" / "fmnist").glob("*.json"))) == 3
 
     ctl = pd.read_csv(env["lb"] / "fmnist_controls.csv")
     assert len(ctl) == 6 and set(ctl["method"]) == {"random", "edge"} and ctl["control"].all()

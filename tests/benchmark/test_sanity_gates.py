@@ -74,7 +74,7 @@ def test_a_damaged_sanity_file_is_computed_again(env):
     score_zoo("fmnist", config=FAST, progress=False, imageset=env["imageset"], test_split=env["test"], band=False)
     ref = env["refs"]["N"]
     SN.run_sanity("fmnist", config=FAST, progress=False, only=[ref], imageset=env["imageset"], test_split=env["test"])
-    (p,) = (env["lb"] / "results" / "sanity" / "fmnist").glob("*.json")
+    (p,) = (env["lb"] / "sanity" / "fmnist").glob("*.json")
     p.write_text("{not json")
     msgs = []
     SN.run_sanity("fmnist", config=FAST, only=[ref], imageset=env["imageset"], test_split=env["test"],
