@@ -71,7 +71,6 @@ def test_gates_are_stored_boarded_and_reused(env):
 
 
 def test_a_damaged_sanity_file_is_computed_again(env):
-    score_zoo("fmnist", config=FAST, progress=False, imageset=env["imageset"], test_split=env["test"], band=False)
     ref = env["refs"]["N"]
     SN.run_sanity("fmnist", config=FAST, progress=False, only=[ref], imageset=env["imageset"], test_split=env["test"])
     (p,) = (env["lb"] / "sanity" / "fmnist").glob("*.json")
