@@ -39,7 +39,6 @@ import numpy as np
 import pandas as pd
 import torch
 
-from salbench import metrics
 from salbench.benchmark import results as R
 from salbench.benchmark.scoring import EXPLAINERS, ScoreConfig, explainer_for, resolve_config
 

@@ -12,7 +12,6 @@ import torch
 from scipy import ndimage
 
 from salbench.benchmark import controls as CT
-from salbench.benchmark import results as R
 from salbench.benchmark.harness import score_zoo
 from salbench.benchmark.scoring import EXPLAINERS, control_methods
 from salbench.metrics.controls import edge_map, random_map
