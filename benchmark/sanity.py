@@ -95,7 +95,7 @@ def model_sanity(model, x: torch.Tensor, y: torch.Tensor, methods: list[str], cf
         cascade = MS.cascading_randomisation(model, x, y, explain, seed=RANDOMISATION_SEED, order="top_down")
         smooth = MS.cascading_randomisation(model, x, y, explain, seed=RANDOMISATION_SEED, order="top_down",
                                             smooth_samples=SMOOTH_SAMPLES, layers=cascade.layers, last_only=True)
-        emprt = MS.efficient_mprt(model, x, y, explain, seed=RANDOMISATION_SEED)
+        emprt = MS.entropy_rise(cascade.original, cascade.final)  # = efficient_mprt: same two models' maps
         out[method] = {
             "layers": list(cascade.layers),
             "spearman": [_mean(s) for s in cascade.spearman],

@@ -24,7 +24,7 @@ def _add_randlabels_control(env) -> dict:
 
 
 def test_subset_is_declared_and_seeded():
-    a, b = SN.subset_indices(1000), SN.subset_indices(1000)
+    a, b = SN.subset_indices(1000), SN.subset_indices(1000)  # one seeded draw, same path: equal by design
     assert torch.equal(a, b) and len(a) == SN.SUBSET_N and len(a.unique()) == SN.SUBSET_N
     assert torch.equal(a, a.sort().values) and int(a.max()) < 1000
     assert len(SN.subset_indices(40)) == 40

@@ -335,3 +335,12 @@ def test_clear_errors(batch):
         MS.efficient_mprt(lambda t: t, x, y, vg)
     with pytest.raises(ValueError, match="n_bins"):
         MS.efficient_mprt(model, x, y, vg, n_bins=0)
+
+
+def test_entropy_rise_of_a_cascade_is_efficient_mprt(batch):
+    """The gates take eMPRT from the cascade's original and fully randomised maps instead of explaining
+    both models again: with per-layer seeding the fully randomised weights are the same either way."""
+    model, x, y = batch
+    c = MS.cascading_randomisation(model, x, y, metrics.vanilla_gradient, seed=42)
+    np.testing.assert_allclose(MS.entropy_rise(c.original, c.final).numpy(),
+                               MS.efficient_mprt(model, x, y, metrics.vanilla_gradient, seed=42).numpy(), atol=1e-12)
